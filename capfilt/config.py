@@ -1,0 +1,210 @@
+"""Typed configuration: YAML values, dotted overrides, validation at start-up.
+
+YAML files hold values only; the dataclasses below give them their shape.
+Unknown keys and bad values raise ``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or has a bad value."""
+
+
+@dataclass
+class CaptionerConfig:
+    model: str = "Salesforce/blip-image-captioning-large"
+    revision: str = "main"
+    prompt: str = "a picture of "
+    num_captions: int = 5
+    top_p: float = 0.9
+    # BLIP inherits transformers' default top_k of 50 in its nucleus branch.
+    top_k: int = 50
+    temperature: float = 1.0
+    # Counted in tokens with the prompt included, as BLIP counts them.
+    max_length: int = 20
+    min_length: int = 5
+    repetition_penalty: float = 1.1
+
+
+@dataclass
+class FilterConfig:
+    model: str = "Salesforce/blip-itm-large-coco"
+    revision: str = "main"
+    threshold: float = 0.5
+    # BLIP's ITM pads or truncates text to 35 tokens.
+    max_text_tokens: int = 35
+    # How the output .txt is chosen among the kept texts.
+    selection: Literal["best_score", "prefer_web"] = "best_score"
+
+
+@dataclass
+class ReaderConfig:
+    # Images with more pixels than this are errors, not decoded (decompression bombs).
+    max_image_pixels: int = 50_000_000
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+
+
+@dataclass
+class RuntimeConfig:
+    ray_address: Union[str, None] = None
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    batch_size: int = 16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    # Threads that decode and preprocess images ahead of the models.
+    decode_threads: int = 2
+    # Batches prepared ahead of the models.
+    prefetch_batches: int = 2
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    # Attempts per shard when processing it raises (a bad tar, a missing file).
+    shard_attempts: int = 2
+
+
+@dataclass
+class Config:
+    input: Union[str, list[str], None] = None
+    output: Union[str, None] = None
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the output (not input, output or runtime placement)."""
+        d = self.to_dict()
+        relevant = {k: d[k] for k in ("captioner", "filter", "reader")}
+        relevant["seed"] = d["runtime"]["seed"]
+        relevant["dtype"] = d["runtime"]["dtype"]
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, **top_level: Any) -> Config:
+    """Read YAML at ``path`` (or the defaults), apply ``KEY=VALUE`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
+    for key, value in top_level.items():
+        if value is not None:
+            raw[key] = value
+    return build(Config, raw, "")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} (known here: {known})")
+    values = {}
+    for key, value in raw.items():
+        values[key] = _check(hints[key], value, prefix + key)
+    obj = cls(**values)
+    _validate_ranges(obj, prefix)
+    return obj
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "top_p": (0.0, 1.0),
+    "threshold": (0.0, 1.0),
+    "temperature": (1e-6, float("inf")),
+    "repetition_penalty": (1e-6, float("inf")),
+    "num_captions": (0, 1_000),
+    "top_k": (0, float("inf")),
+    "max_length": (1, float("inf")),
+    "min_length": (0, float("inf")),
+    "max_text_tokens": (2, float("inf")),
+    "max_image_pixels": (1, float("inf")),
+    "num_workers": (1, float("inf")),
+    "cpus_per_worker": (1, float("inf")),
+    "gpus_per_worker": (0, float("inf")),
+    "batch_size": (1, float("inf")),
+    "decode_threads": (1, float("inf")),
+    "prefetch_batches": (1, float("inf")),
+    "max_restarts": (-1, float("inf")),
+    "max_task_retries": (-1, float("inf")),
+    "shard_attempts": (1, float("inf")),
+}
+
+
+def _validate_ranges(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        bounds = _RANGES.get(f.name)
+        if bounds and isinstance(value, (int, float)) and not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(f"{prefix}{f.name}: {value!r} is outside [{bounds[0]}, {bounds[1]}]")
+    if isinstance(obj, CaptionerConfig) and obj.min_length > obj.max_length:
+        raise ConfigError(f"{prefix}min_length ({obj.min_length}) exceeds max_length ({obj.max_length})")

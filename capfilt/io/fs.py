@@ -1,0 +1,121 @@
+"""All filesystem access goes through here: local paths and any fsspec URL alike."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from typing import IO
+
+import fsspec
+from braceexpand import braceexpand
+from fsspec.core import url_to_fs
+
+TMP_MARKER = ".tmp-"
+
+
+def expand_input(spec: str | list[str], suffix: str = ".tar") -> list[str]:
+    """Expand a brace pattern, glob, directory, or list of those into sorted shard URLs.
+
+    Raises ``FileNotFoundError`` naming the pattern that matched nothing, so a typo
+    is not a silent empty run. Explicit paths without wildcards are kept as given
+    even when missing: the shard then fails with its own error.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        for pattern in braceexpand(item):
+            urls.extend(_expand_one(pattern, suffix))
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def _expand_one(pattern: str, suffix: str) -> list[str]:
+    fs, path = url_to_fs(pattern)
+    if any(ch in path for ch in "*?["):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"input pattern {pattern!r} matched no file")
+        return [_unstrip(fs, m) for m in matches]
+    if fs.isdir(path):
+        matches = sorted(p for p in fs.find(path) if p.endswith(suffix))
+        if not matches:
+            raise FileNotFoundError(f"input folder {pattern!r} holds no *{suffix} file")
+        return [_unstrip(fs, m) for m in matches]
+    return [pattern]
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Give a path listed by ``fs`` back its protocol, so it can be opened anywhere."""
+    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+
+
+def shard_name(url: str) -> str:
+    """``s3://b/x/00012.tar`` -> ``00012``; the output names derive from it."""
+    base = posixpath.basename(url.rstrip("/"))
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def open_read(url: str) -> IO[bytes]:
+    return fsspec.open(url, "rb").open()
+
+
+class OutputDir:
+    """An output folder on any filesystem, where files appear only when complete."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") or "/"
+        self.fs, self.root = url_to_fs(self.url)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"output file name {name!r} must be a plain name")
+        return posixpath.join(self.root, name)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def read_text(self, name: str) -> str:
+        with self.fs.open(self.path(name), "r", encoding="utf-8") as f:
+            return f.read()
+
+    def listdir(self) -> list[str]:
+        return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False))
+
+    @contextlib.contextmanager
+    def atomic_open(self, name: str) -> Iterator[IO[bytes]]:
+        """Write to a unique temporary name; rename to ``name`` only on success."""
+        final = self.path(name)
+        tmp = self.path(f".{name}{TMP_MARKER}{uuid.uuid4().hex[:12]}")
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                yield f
+            self._rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.rm(tmp)
+            raise
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.atomic_open(name) as f:
+            f.write(data)
+
+    def _rename(self, src: str, dst: str) -> None:
+        if self.fs.protocol in ("file", ("file", "local")):
+            os.replace(src, dst)  # atomic on POSIX
+        else:
+            self.fs.mv(src, dst)
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete temporary files a killed run left behind; returns their names."""
+        stale = [n for n in self.listdir() if n.startswith(".") and TMP_MARKER in n]
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(name))
+        return stale

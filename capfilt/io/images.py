@@ -1,0 +1,54 @@
+"""Decode untrusted image bytes into RGB, bounded against decompression bombs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    pass
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """Return the first frame of ``data`` as RGB; raise ``ImageError`` with a reason.
+
+    The size is checked from the header before any pixel is decoded, so a tiny
+    file that claims a giant size costs nothing.
+    """
+    if not data:
+        raise ImageError("empty image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(f"image claims {width}x{height} pixels, over the limit of {max_pixels}")
+            img.seek(0)
+            img.load()
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits rather than clipping.
+        return img.convert("I").point(lambda v: v * (1 / 256)).convert("L").convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,117 @@
+"""Stream samples out of a webdataset tar shard, one group of members at a time.
+
+The tar is read in stream mode (``r|*``), so memory holds one sample, never the
+whole shard; gzip-compressed shards are read the same way. Member data is only
+ever read into memory: nothing is extracted to disk, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from capfilt.io.fs import open_read
+from capfilt.sample import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReaderOptions:
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    max_member_bytes: int = 64 * 1024 * 1024
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key runs to the first dot of the file name."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name could escape a folder it is written into, or None."""
+    if name.startswith("/") or name.startswith("\\"):
+        return "absolute member name"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return "member name contains '..'"
+    if any(ord(c) < 32 for c in name):
+        return "member name contains control characters"
+    return None
+
+
+def read_shard(url: str, options: ReaderOptions | None = None) -> Iterator[Sample]:
+    """Yield one ``Sample`` per key in ``url``; unreadable parts become error samples.
+
+    Opening the shard can raise (missing file, network): that is a shard failure for
+    the caller to retry. A tar that ends in the middle of a member yields the
+    samples before it and one error sample for the cut-off key.
+    """
+    options = options or ReaderOptions()
+    with open_read(url) as stream:
+        yield from _read_stream(stream, url, options)
+
+
+def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:
+    seen: set[str] = set()
+    group_key: str | None = None
+    members: dict[str, bytes] = {}
+    notes: list[str] = []
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            key, ext = split_key(info.name)
+            if key != group_key:
+                if group_key is not None:
+                    yield _assemble(group_key, members, notes, seen, url, options)
+                group_key, members, notes = key, {}, []
+            if not info.isreg():
+                notes.append(f"skipped non-regular member {info.name!r}")
+                continue
+            if info.size > options.max_member_bytes:
+                notes.append(f"member {info.name!r} is {info.size} bytes, over the limit")
+                continue
+            if ext in members:
+                notes.append(f"duplicate member {info.name!r}")
+                continue
+            members[ext] = tar.extractfile(info).read()
+            tar.members = []  # stream mode: keep no history of members
+    except (tarfile.TarError, EOFError) as exc:
+        cut = group_key if group_key is not None else "__shard__"
+        log.warning("%s: tar is truncated or corrupt after key %r: %s", url, cut, exc)
+        yield Sample(key=cut).fail(f"tar truncated or corrupt in {url} at key {cut!r}: {exc}")
+        return
+    if group_key is not None:
+        yield _assemble(group_key, members, notes, seen, url, options)
+
+
+def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[str],
+              url: str, options: ReaderOptions) -> Sample:
+    sample = Sample(key=key)
+    reason = unsafe_name(key)
+    if reason:
+        return sample.fail(f"{url}: {reason}: {key!r}")
+    if key in seen:
+        return sample.fail(f"{url}: duplicate key {key!r} (its members are not adjacent or repeat)")
+    seen.add(key)
+    if "txt" in members:
+        sample.web_text = members["txt"].decode("utf-8", errors="replace")
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError as exc:
+            return sample.fail(f"{url}: malformed {key}.json: {exc}")
+        sample.meta = meta if isinstance(meta, dict) else {"value": meta}
+    image_ext = next((e for e in options.image_extensions if e in members), None)
+    if image_ext is None:
+        detail = "; ".join(notes) if notes else f"members: {sorted(members)}"
+        return sample.fail(f"{url}: sample {key!r} has no image ({detail})")
+    sample.image, sample.image_ext = members[image_ext], image_ext
+    if notes:
+        log.info("%s: %s: %s", url, key, "; ".join(notes))
+    return sample

@@ -1,0 +1,143 @@
+"""Write one output shard: the kept samples' tar, a parquet row per input sample, stats last.
+
+Each file is written under a temporary name and renamed when complete. The stats
+file is renamed last, so its presence means the whole shard is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.io.fs import OutputDir
+from capfilt.sample import KEPT, Sample
+
+# Fixed so that identical inputs give byte-identical tars.
+TAR_MTIME = 0
+
+PARQUET_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("image_ext", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("web_text", pa.string()),
+    pa.field("web_score", pa.float64()),
+    pa.field("web_kept", pa.bool_()),
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("caption_scores", pa.list_(pa.float64())),
+    pa.field("text", pa.string()),
+    pa.field("text_origin", pa.string()),
+    pa.field("text_score", pa.float64()),
+    pa.field("kept_texts", pa.list_(pa.string())),
+    pa.field("kept_origins", pa.list_(pa.string())),
+    pa.field("kept_scores", pa.list_(pa.float64())),
+])
+
+
+def tar_name(shard: str) -> str:
+    return f"{shard}.tar"
+
+
+def parquet_name(shard: str) -> str:
+    return f"{shard}.parquet"
+
+
+def stats_name(shard: str) -> str:
+    return f"{shard}_stats.json"
+
+
+def capfilt_record(sample: Sample, threshold: float) -> dict[str, Any]:
+    """The ``capfilt`` object added to each kept sample's json."""
+    return {
+        "threshold": threshold,
+        "web_text": sample.web_text,
+        "web_score": sample.web_score,
+        "captions": [{"text": t, "score": s} for t, s in zip(sample.captions, sample.caption_scores)],
+        "kept_texts": [{"text": t, "origin": o, "score": s} for t, o, s in sample.kept_texts],
+        "text": sample.text,
+    }
+
+
+def parquet_row(sample: Sample) -> dict[str, Any]:
+    chosen = next((k for k in sample.kept_texts if k[0] == sample.text), None)
+    web_kept = None
+    if sample.web_score is not None:
+        web_kept = any(origin == "web" for _, origin, _ in sample.kept_texts)
+    url = sample.meta.get("url")
+    return {
+        "key": sample.key,
+        "status": sample.status,
+        "error": sample.error,
+        "url": url if isinstance(url, str) else None,
+        "image_ext": sample.image_ext,
+        "width": sample.width,
+        "height": sample.height,
+        "web_text": sample.web_text,
+        "web_score": sample.web_score,
+        "web_kept": web_kept,
+        "captions": list(sample.captions),
+        "caption_scores": list(sample.caption_scores),
+        "text": sample.text,
+        "text_origin": chosen[1] if chosen else None,
+        "text_score": chosen[2] if chosen else None,
+        "kept_texts": [k[0] for k in sample.kept_texts],
+        "kept_origins": [k[1] for k in sample.kept_texts],
+        "kept_scores": [k[2] for k in sample.kept_texts],
+    }
+
+
+class ShardWriter:
+    """Context manager writing ``NAME.tar`` and ``NAME.parquet``; ``finish`` writes the stats.
+
+    If the body raises, the temporary files are removed and nothing appears.
+    """
+
+    def __init__(self, out: OutputDir, shard: str, threshold: float):
+        self.out, self.shard, self.threshold = out, shard, threshold
+        self.rows: list[dict[str, Any]] = []
+        self._stack = contextlib.ExitStack()
+        self._tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        import webdataset as wds
+
+        stream = self._stack.enter_context(self.out.atomic_open(tar_name(self.shard)))
+        self._tar = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME, format="PAX_FORMAT")
+        return self
+
+    def write(self, sample: Sample) -> None:
+        self.rows.append(parquet_row(sample))
+        if sample.status != KEPT:
+            return
+        meta = dict(sample.meta)
+        meta["capfilt"] = capfilt_record(sample, self.threshold)
+        self._tar.write({
+            "__key__": sample.key,
+            sample.image_ext: sample.image,
+            "txt": sample.text.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+        })
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._tar.close()
+        self._stack.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self._write_parquet()
+
+    def _write_parquet(self) -> None:
+        table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
+        with self.out.atomic_open(parquet_name(self.shard)) as f:
+            pq.write_table(table, f)
+
+    def finish(self, stats: dict[str, Any]) -> None:
+        """Write the stats file, which marks the shard done. Call after the ``with`` block."""
+        data = json.dumps(stats, indent=2, sort_keys=True).encode("utf-8")
+        self.out.write_bytes(stats_name(self.shard), data)

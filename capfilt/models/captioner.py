@@ -1,0 +1,57 @@
+"""BLIP captioner: nucleus-sampled synthetic captions, the image encoded once per image."""
+
+from __future__ import annotations
+
+import hashlib
+
+from capfilt.config import CaptionerConfig
+from capfilt.models.loading import load_blip
+
+
+def batch_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from the run seed and the batch's identity (shard name, batch index)."""
+    text = "/".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+class Captioner:
+    def __init__(self, cfg: CaptionerConfig, device: str, dtype: str):
+        from transformers import BlipForConditionalGeneration
+
+        self.cfg, self.device = cfg, device
+        self.loaded = load_blip(BlipForConditionalGeneration, cfg.model, cfg.revision, device, dtype)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.image_processor = self.loaded.image_processor
+        # BLIP tokenizes the prompt as [CLS] prompt [SEP]; generate() puts [DEC] in
+        # place of [CLS] and drops the [SEP].
+        self.prompt_ids = self.tokenizer(cfg.prompt, return_tensors="pt").input_ids
+        self.prompt_len = self.prompt_ids.shape[1] - 1
+
+    def __call__(self, pixel_values, seed: int) -> list[list[str]]:
+        """``num_captions`` captions for each image of the batch, prompt stripped."""
+        import torch
+
+        n = self.cfg.num_captions
+        batch = pixel_values.shape[0]
+        if n == 0 or batch == 0:
+            return [[] for _ in range(batch)]
+        input_ids = self.prompt_ids.repeat(batch, 1).to(self.device)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.generate(
+                pixel_values=pixel_values,
+                input_ids=input_ids,  # generate() writes into it: repeat() made a copy
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=True,
+                top_p=self.cfg.top_p,
+                top_k=self.cfg.top_k,
+                temperature=self.cfg.temperature,
+                max_length=self.cfg.max_length,
+                min_length=self.cfg.min_length,
+                repetition_penalty=self.cfg.repetition_penalty,
+                num_return_sequences=n,
+            )
+        texts = self.tokenizer.batch_decode(out[:, self.prompt_len:], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        return [texts[i * n:(i + 1) * n] for i in range(batch)]

@@ -1,0 +1,76 @@
+"""Load BLIP checkpoints (hub ids or local folders) the one way users and tests share.
+
+Weights load as safetensors only, and never with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but torch sees no CUDA device")
+    return device
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "float16" and device == "cpu":
+        raise ValueError("runtime.dtype float16 is for GPUs; use bfloat16 or float32 on CPU")
+    return getattr(torch, DTYPES[name])
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    revision: str | None
+
+
+def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str) -> Loaded:
+    """Load model, tokenizer and image processor of one BLIP checkpoint for inference."""
+    from transformers import AutoTokenizer
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    kwargs = {} if os.path.isdir(name) else {"revision": revision}
+    model = model_cls.from_pretrained(
+        name, use_safetensors=True, dtype=torch_dtype(dtype, device), **kwargs
+    )
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    # The PIL backend, chosen deliberately: it needs no torchvision and is the same
+    # in tests and production.
+    image_processor = BlipImageProcessorPil.from_pretrained(name, **kwargs)
+    resolved = getattr(model.config, "_commit_hash", None) or checkpoint_digest(name)
+    log.info("loaded %s (%s) on %s as %s", name, resolved, device, dtype)
+    return Loaded(model, tokenizer, image_processor, resolved)
+
+
+def checkpoint_digest(name: str) -> str | None:
+    """sha256 of a local folder's weight files, so a local checkpoint is traceable."""
+    if not os.path.isdir(name):
+        return None
+    digest = hashlib.sha256()
+    for fname in sorted(os.listdir(name)):
+        if fname.endswith((".safetensors", "config.json")):
+            with open(os.path.join(name, fname), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return "sha256:" + digest.hexdigest()

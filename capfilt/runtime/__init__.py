@@ -1,0 +1,1 @@
+"""Running a step over shards: the task type, resume, the Ray executor, progress."""

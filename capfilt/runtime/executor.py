@@ -1,0 +1,194 @@
+"""Run a step over shards with Ray actors, each holding the step (its models) loaded once.
+
+The executor knows nothing of what the step does: it needs a picklable factory
+returning an object with ``run(task, report) -> dict`` and, optionally,
+``revisions() -> dict``. A shard is the unit of work and of retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from capfilt.config import RuntimeConfig
+from capfilt.runtime.shards import ShardTask
+
+log = logging.getLogger(__name__)
+
+StepFactory = Callable[[], Any]
+
+
+@dataclass
+class ShardResult:
+    task: ShardTask
+    stats: dict[str, Any] | None
+    error: str | None = None
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class WorkerInfo:
+    pid: int
+    node_id: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def import_ray(local: bool):
+    """Import ray; for the embedded local instance, keep it on 127.0.0.1 (read at import)."""
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - install hint
+        raise ImportError("capfilt needs ray: pip install 'ray>=2.60'") from exc
+    return ray
+
+
+class _Worker:
+    """Ray actor body: builds the step once, then processes whole shards."""
+
+    def __init__(self, step_factory: StepFactory, progress, cpus: int):
+        import torch
+
+        torch.set_num_threads(max(1, cpus))
+        self.step = step_factory()
+        self.progress = progress
+
+    def info(self) -> WorkerInfo:
+        import ray
+
+        revisions = getattr(self.step, "revisions", None)
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(),
+                          revisions() if revisions else {})
+
+    def process(self, task: ShardTask) -> dict[str, Any]:
+        last = [0.0]
+
+        def report(counts: dict[str, int]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.5:
+                last[0] = now
+                self.progress.update.remote(task.name, counts)
+
+        stats = self.step.run(task, report)
+        self.progress.update.remote(task.name, {k: v for k, v in stats.items() if isinstance(v, int)})
+        return stats
+
+
+class _Progress:
+    """Ray actor: the latest counts of every shard, from any node."""
+
+    def __init__(self):
+        self.shards: dict[str, dict[str, int]] = {}
+
+    def update(self, shard: str, counts: dict[str, int]) -> None:
+        self.shards[shard] = counts
+
+    def totals(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for counts in self.shards.values():
+            total.update(counts)
+        return dict(total)
+
+
+class RayExecutor:
+    def __init__(self, step_factory: StepFactory, runtime: RuntimeConfig):
+        self.step_factory = step_factory
+        self.runtime = runtime
+        self.worker_infos: list[WorkerInfo] = []
+
+    def run(self, tasks: list[ShardTask],
+            on_result: Callable[[ShardResult], None] | None = None,
+            on_progress: Callable[[dict[str, int]], None] | None = None) -> list[ShardResult]:
+        if not tasks:
+            return []
+        ray = import_ray(local=self.runtime.ray_address is None)
+        started_here = self._init(ray)
+        try:
+            return self._run(ray, tasks, on_result, on_progress)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _init(self, ray) -> bool:
+        rt = self.runtime
+        if ray.is_initialized():
+            return False
+        if rt.ray_address is not None:
+            ray.init(address=rt.ray_address, log_to_driver=True)
+        else:
+            ray.init(address="local", num_cpus=rt.num_workers * rt.cpus_per_worker + 1,
+                     include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=True)
+        return True
+
+    def _new_worker(self, ray, progress):
+        rt = self.runtime
+        actor_cls = ray.remote(_Worker).options(
+            num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
+            max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries,
+        )
+        return actor_cls.remote(self.step_factory, progress, rt.cpus_per_worker)
+
+    def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
+        rt = self.runtime
+        progress = ray.remote(_Progress).options(num_cpus=0).remote()
+        workers = [self._new_worker(ray, progress) for _ in range(min(rt.num_workers, len(tasks)))]
+        try:
+            self.worker_infos = ray.get([w.info.remote() for w in workers])
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"capfilt workers failed to start (loading the models?): {exc}") from exc
+        pending = deque(tasks)
+        attempts: Counter = Counter()
+        inflight: dict[Any, tuple[Any, ShardTask]] = {}
+        idle = list(workers)
+        results: list[ShardResult] = []
+        replacements = 0
+        while pending or inflight:
+            while idle and pending:
+                worker, task = idle.pop(), pending.popleft()
+                attempts[task] += 1
+                inflight[worker.process.remote(task)] = (worker, task)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            if on_progress:
+                on_progress(ray.get(progress.totals.remote()))
+            for ref in ready:
+                worker, task = inflight.pop(ref)
+                try:
+                    result = ShardResult(task, ray.get(ref), attempts=attempts[task])
+                except ray.exceptions.RayActorError as exc:
+                    result = ShardResult(task, None, f"worker died: {exc}", attempts[task])
+                    if replacements < rt.num_workers * max(1, rt.max_restarts):
+                        replacements += 1
+                        worker = self._new_worker(ray, progress)
+                except ray.exceptions.RayTaskError as exc:
+                    result = ShardResult(task, None, _task_error(exc), attempts[task])
+                idle.append(worker)
+                if not result.ok and attempts[task] < rt.shard_attempts:
+                    log.warning("shard %s failed (attempt %d), retrying: %s",
+                                task.name, attempts[task], result.error)
+                    pending.append(task)
+                    continue
+                results.append(result)
+                if on_result:
+                    on_result(result)
+        if on_progress:
+            on_progress(ray.get(progress.totals.remote()))
+        return results
+
+
+def _task_error(exc) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return str(exc).strip().splitlines()[-1]

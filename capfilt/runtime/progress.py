@@ -1,0 +1,60 @@
+"""Progress over samples from every worker, and an estimate of how many there are."""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+from capfilt.runtime.shards import ShardTask
+
+log = logging.getLogger(__name__)
+
+
+def estimate_samples(tasks: list[ShardTask]) -> int | None:
+    """Sum of img2dataset's ``successes`` from the ``NAME_stats.json`` beside each input tar.
+
+    None when any shard lacks it: the bar then shows a count and a rate, no ETA.
+    """
+    import fsspec
+
+    total = 0
+    for task in tasks:
+        stats_url = posixpath.join(posixpath.dirname(task.url), f"{task.name}_stats.json")
+        try:
+            with fsspec.open(stats_url, "r") as f:
+                total += int(json.load(f)["successes"])
+        except Exception:  # absent or not img2dataset's: no estimate
+            return None
+    return total
+
+
+class SampleBar:
+    """A tqdm bar over samples, fed with the executor's running totals."""
+
+    def __init__(self, total: int | None, shards: int, disable: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", desc="capfilt", disable=disable, dynamic_ncols=True)
+        self.shards = shards
+        self.shards_done = 0
+
+    def update(self, totals: dict[str, int]) -> None:
+        samples = totals.get("samples", 0)
+        self.bar.update(max(0, samples - self.bar.n))
+        if samples:
+            self.bar.set_postfix(
+                kept=f"{100 * totals.get('kept', 0) / samples:.1f}%",
+                errors=totals.get("error", 0),
+                shards=f"{self.shards_done}/{self.shards}",
+                refresh=False,
+            )
+
+    def shard_done(self) -> None:
+        self.shards_done += 1
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,42 @@
+"""The one sample type that flows through every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+KEPT, DROPPED, ERROR = "kept", "dropped", "error"
+
+
+@dataclass(slots=True)
+class Sample:
+    """One image and its texts as read from a shard, then as judged by the models.
+
+    ``error`` is set by any stage that cannot handle the sample; later stages pass
+    such samples through untouched so that every input key still becomes a row.
+    """
+
+    key: str
+    image: bytes | None = None
+    image_ext: str | None = None
+    web_text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    # Filled by the prepare stage: model inputs keyed by preprocessor name.
+    pixels: dict[str, Any] | None = None
+    width: int | None = None
+    height: int | None = None
+    # Filled by the captioner and the filter.
+    captions: list[str] = field(default_factory=list)
+    web_score: float | None = None
+    caption_scores: list[float] = field(default_factory=list)
+    # Filled by the decision stage.
+    status: str | None = None
+    kept_texts: list[tuple[str, str, float]] = field(default_factory=list)  # (text, origin, score)
+    text: str | None = None
+
+    def fail(self, reason: str) -> "Sample":
+        self.error = reason
+        self.status = ERROR
+        self.pixels = None
+        return self

@@ -1,0 +1,1 @@
+"""Runnable pipelines and the ``capfilt`` command line; they use the ``capfilt`` library."""

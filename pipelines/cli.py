@@ -1,0 +1,66 @@
+"""The ``capfilt`` command line: ``run`` and ``tiny-models``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from capfilt.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="caption and filter webdataset shards")
+    run.add_argument("--config", help="YAML config (defaults: BLIP large from the hub)")
+    run.add_argument("--input", nargs="+", help="shards: brace pattern, glob, folder or list; any fsspec URL")
+    run.add_argument("--output", help="output folder (local or fsspec URL)")
+    run.add_argument("--mode", choices=["incremental", "overwrite"], default="incremental",
+                     help="incremental skips done shards; overwrite redoes them all")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("-v", "--verbose", action="store_true", help="a line per finished shard")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+    tiny = sub.add_parser("tiny-models", help="build tiny random BLIP checkpoints for offline tests")
+    tiny.add_argument("dir")
+    tiny.add_argument("--image-size", type=int, default=64)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "tiny-models":
+        from capfilt.models.tiny import build_tiny_models
+
+        for path in build_tiny_models(args.dir, image_size=args.image_size, seed=args.seed):
+            print(path)
+        return 0
+    if args.command == "run":
+        return _run(args)
+    return 2
+
+
+def _run(args) -> int:
+    from pipelines import run as run_pipeline
+
+    try:
+        input_ = None if args.input is None else (args.input[0] if len(args.input) == 1 else args.input)
+        config = load_config(args.config, args.overrides, input=input_, output=args.output)
+    except (ConfigError, OSError) as exc:
+        print(f"capfilt: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_pipeline.run(config, mode=args.mode, verbose=args.verbose,
+                                progress=not args.no_progress)
+    except (run_pipeline.RunRefused, ValueError, FileNotFoundError) as exc:
+        print(f"capfilt: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

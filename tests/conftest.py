@@ -1,0 +1,95 @@
+"""Test set-up: loopback-only environment (before any ``import ray``), tiny models, shards."""
+
+import os
+
+# ../shared/NETWORK.md: keep every process on 127.0.0.1 and off the network.
+os.environ.update({
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "localhost,127.0.0.1,::1",
+    "HF_HUB_OFFLINE": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+})
+os.environ.pop("RAY_ADDRESS", None)
+
+import io  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_tmpdir(tmp_path_factory):
+    """A Ray temp folder of this test run's own, so no stale cluster is ever joined."""
+    path = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_TMPDIR"] = str(path)
+    yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    from capfilt.models.tiny import build_tiny_models
+
+    return build_tiny_models(str(tmp_path_factory.mktemp("models")))
+
+
+def image_bytes(colour: str, fmt: str = "JPEG", size=(48, 40), seed: int = 0) -> bytes:
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, COLOURS[colour])
+    for _ in range(20):  # some texture so JPEGs differ
+        img.putpixel((rng.randrange(size[0]), rng.randrange(size[1])), (rng.randrange(256),) * 3)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    """Write an img2dataset-style tar: KEY.jpg|png, KEY.txt, KEY.json per sample.
+
+    ``samples`` is a list of dicts with ``key`` and any of ``jpg``/``png``/... bytes,
+    ``txt`` (str) and ``json`` (dict); members of a key are adjacent.
+    """
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False) as tar:
+        for s in samples:
+            record = {"__key__": s["key"]}
+            for ext, value in s.items():
+                if ext == "key":
+                    continue
+                if ext == "json":
+                    value = json.dumps(value).encode()
+                elif isinstance(value, str):
+                    value = value.encode()
+                record[ext] = value
+            tar.write(record)
+    return str(path)
+
+
+def make_web_shards(folder, shards: int = 2, per_shard: int = 6):
+    """Shards of coloured images with web texts, as img2dataset writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    names = list(COLOURS)
+    for s in range(shards):
+        samples = []
+        for i in range(per_shard):
+            n = s * per_shard + i
+            colour = names[n % len(names)]
+            fmt, ext = ("PNG", "png") if n % 3 == 2 else ("JPEG", "jpg")
+            samples.append({
+                "key": f"{s:05d}{i:04d}",
+                ext: image_bytes(colour, fmt, seed=n),
+                "txt": f"a {colour} square",
+                "json": {"url": f"http://127.0.0.1/img/{n}.{ext}", "caption": f"a {colour} square",
+                         "key": f"{s:05d}{i:04d}", "status": "success"},
+            })
+        paths.append(write_shard(folder / f"{s:05d}.tar", samples))
+    return paths
