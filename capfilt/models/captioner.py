@@ -27,6 +27,7 @@ class Captioner:
         # place of [CLS] and drops the [SEP].
         self.prompt_ids = self.tokenizer(cfg.prompt, return_tensors="pt").input_ids
         self.prompt_len = self.prompt_ids.shape[1] - 1
+        self.prompt_text = self.tokenizer.decode(self.prompt_ids[0], skip_special_tokens=True)
 
     def __call__(self, pixel_values, seed: int) -> list[list[str]]:
         """``num_captions`` captions for each image of the batch, prompt stripped."""
@@ -52,6 +53,12 @@ class Captioner:
                 repetition_penalty=self.cfg.repetition_penalty,
                 num_return_sequences=n,
             )
-        texts = self.tokenizer.batch_decode(out[:, self.prompt_len:], skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
+        texts = [self._strip_prompt(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(batch)]
+
+    def _strip_prompt(self, text: str) -> str:
+        # As BLIP does: decode the whole sequence, then cut the prompt's text off.
+        # Decoding only the new tokens would mangle a word piece that continues the prompt.
+        if text.startswith(self.prompt_text):
+            text = text[len(self.prompt_text):]
+        return text.strip()

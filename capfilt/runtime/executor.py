@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,12 +58,15 @@ def import_ray(local: bool):
 class _Worker:
     """Ray actor body: builds the step once, then processes whole shards."""
 
-    def __init__(self, step_factory: StepFactory, progress, cpus: int):
+    def __init__(self, step_factory: StepFactory, progress_name: str, cpus: int):
+        import ray
         import torch
 
         torch.set_num_threads(max(1, cpus))
         self.step = step_factory()
-        self.progress = progress
+        # Looked up by name: an actor handle as a constructor argument would pin it
+        # in the object store, which actor restarts then depend on.
+        self.progress = ray.get_actor(progress_name)
 
     def info(self) -> WorkerInfo:
         import ray
@@ -132,18 +136,19 @@ class RayExecutor:
                      log_to_driver=True)
         return True
 
-    def _new_worker(self, ray, progress):
+    def _new_worker(self, ray, progress_name: str):
         rt = self.runtime
         actor_cls = ray.remote(_Worker).options(
             num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
             max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries,
         )
-        return actor_cls.remote(self.step_factory, progress, rt.cpus_per_worker)
+        return actor_cls.remote(self.step_factory, progress_name, rt.cpus_per_worker)
 
     def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
         rt = self.runtime
-        progress = ray.remote(_Progress).options(num_cpus=0).remote()
-        workers = [self._new_worker(ray, progress) for _ in range(min(rt.num_workers, len(tasks)))]
+        progress_name = f"capfilt-progress-{uuid.uuid4().hex}"
+        progress = ray.remote(_Progress).options(name=progress_name, num_cpus=0).remote()
+        workers = [self._new_worker(ray, progress_name) for _ in range(min(rt.num_workers, len(tasks)))]
         try:
             self.worker_infos = ray.get([w.info.remote() for w in workers])
         except ray.exceptions.RayActorError as exc:
@@ -170,7 +175,7 @@ class RayExecutor:
                     result = ShardResult(task, None, f"worker died: {exc}", attempts[task])
                     if replacements < rt.num_workers * max(1, rt.max_restarts):
                         replacements += 1
-                        worker = self._new_worker(ray, progress)
+                        worker = self._new_worker(ray, progress_name)
                 except ray.exceptions.RayTaskError as exc:
                     result = ShardResult(task, None, _task_error(exc), attempts[task])
                 idle.append(worker)

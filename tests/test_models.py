@@ -1,0 +1,112 @@
+"""The captioner and the filter on tiny BLIP checkpoints, loaded as users load hub ones."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import image_bytes
+from PIL import Image
+
+from capfilt.config import CaptionerConfig, FilterConfig
+from capfilt.models.captioner import Captioner
+from capfilt.models.itm_filter import ITMFilter
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_models):
+    return Captioner(CaptionerConfig(model=tiny_models[0], num_captions=4), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def itm(tiny_models):
+    return ITMFilter(FilterConfig(model=tiny_models[1]), "cpu", "float32")
+
+
+def pixels(processor, colours=("red", "blue", "green")):
+    images = [Image.open(io.BytesIO(image_bytes(c, seed=i))).convert("RGB") for i, c in enumerate(colours)]
+    return torch.from_numpy(np.stack([processor(images=im, return_tensors="np")["pixel_values"][0]
+                                      for im in images]))
+
+
+def test_filter_scores_equal_per_pair_retrieval_forward(itm):
+    pv = pixels(itm.image_processor)
+    texts = [["a red square", "a blue circle on the left", ""],
+             ["blue", "a very long text " * 20],
+             ["green triangle", "a green square in the middle of a large picture of the sky"]]
+    scores = itm(pv, texts)
+    assert [len(s) for s in scores] == [len(t) for t in texts]
+    model = itm.model
+    for i, image_texts in enumerate(texts):
+        for text, score in zip(image_texts, scores[i]):
+            tokens = itm.tokenizer(text, truncation=True, max_length=35, return_tensors="pt")
+            with torch.no_grad():
+                logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                               pixel_values=pv[i:i + 1], use_itm_head=True).itm_score
+            reference = torch.softmax(logits, dim=-1)[0, 1].item()
+            assert score == pytest.approx(reference, abs=1e-4)
+
+
+def test_filter_scores_differ_between_images_and_texts(itm):
+    pv = pixels(itm.image_processor)
+    scores = itm(pv, [["a red square", "blue"]] * 3)
+    flat = [s for row in scores for s in row]
+    assert len(set(round(s, 7) for s in flat)) > 1
+    assert all(0.0 <= s <= 1.0 for s in flat)
+
+
+def test_captioner_gives_num_captions_per_image_with_prompt_stripped(captioner):
+    pv = pixels(captioner.image_processor)
+    captions = captioner(pv, seed=123)
+    assert [len(c) for c in captions] == [4, 4, 4]
+    # Same sampling, done directly with transformers: the output starts with the prompt,
+    # and our captions are exactly what follows it.
+    tok = captioner.tokenizer
+    prompt = tok(captioner.cfg.prompt, return_tensors="pt").input_ids.repeat(3, 1)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        out = captioner.model.generate(
+            pixel_values=pv, input_ids=prompt.clone(), attention_mask=torch.ones_like(prompt),
+            do_sample=True, top_p=0.9, top_k=50, temperature=1.0, max_length=20, min_length=5,
+            repetition_penalty=1.1, num_return_sequences=4)
+    full = tok.batch_decode(out, skip_special_tokens=True)
+    assert all(t.startswith("a picture of") for t in full)
+    flat = [c for image_caps in captions for c in image_caps]
+    for text, caption in zip(full, flat):
+        assert not caption.startswith("a picture of")
+        assert text.replace("a picture of", "", 1).strip() == caption
+    # max_length counts the prompt: at most 20 tokens in all.
+    assert out.shape[1] <= 20
+
+
+def test_captions_are_reproducible_for_a_seed(captioner):
+    pv = pixels(captioner.image_processor)
+    assert captioner(pv, seed=7) == captioner(pv, seed=7)
+    assert captioner(pv, seed=7) != captioner(pv, seed=8)
+
+
+def test_bfloat16_on_cpu_scores_close_to_float32(tiny_models, itm):
+    bf16 = ITMFilter(FilterConfig(model=tiny_models[1]), "cpu", "bfloat16")
+    pv = pixels(itm.image_processor)
+    texts = [["a red square", "blue"]] * 3
+    exact = itm(pv, texts)
+    approx = bf16(pv.to(torch.bfloat16), texts)
+    for row_exact, row_approx in zip(exact, approx):
+        assert row_approx == pytest.approx(row_exact, abs=0.02)
+
+
+def test_float16_on_cpu_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="float16"):
+        ITMFilter(FilterConfig(model=tiny_models[1]), "cpu", "float16")
+
+
+def test_tiny_checkpoints_are_safetensors_with_blip_tokens(tiny_models):
+    import os
+
+    from transformers import AutoTokenizer
+
+    for path in tiny_models:
+        files = os.listdir(path)
+        assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert tok.bos_token == "[DEC]" and "[ENC]" in tok.all_special_tokens

@@ -1,0 +1,224 @@
+"""``capfilt run`` end to end: real tars, real Ray actors, tiny real BLIP models."""
+
+import io
+import json
+import os
+import statistics
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from conftest import image_bytes, make_web_shards, write_shard
+from PIL import Image
+
+from pipelines.cli import main
+
+NUM_CAPTIONS = 3
+
+
+def direct_score(model, processor, tokenizer, image: bytes, text: str) -> float:
+    """What a user gets from transformers' BlipForImageTextRetrieval for one pair."""
+    pv = processor(images=Image.open(io.BytesIO(image)).convert("RGB"), return_tensors="pt")["pixel_values"]
+    tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                       pixel_values=pv).itm_score
+    return torch.softmax(logits, dim=-1)[0, 1].item()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    path = tiny_models[1]
+    model = BlipForImageTextRetrieval.from_pretrained(path).eval()
+    processor, tokenizer = BlipImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return lambda image, text: direct_score(model, processor, tokenizer, image, text)
+
+
+def read_inputs(paths):
+    """{key: {ext: bytes}} of the input tars."""
+    samples = {}
+    for path in paths:
+        for s in wds.WebDataset(path, shardshuffle=False):
+            samples[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
+    return samples
+
+
+def run_args(tiny_models, inputs, output, threshold, *extra):
+    cap, itm = tiny_models
+    return ["run", "--config", "configs/tiny.yaml", "--input", *inputs, "--output", str(output),
+            "--no-progress", f"captioner.model={cap}", f"filter.model={itm}",
+            f"filter.threshold={threshold}", f"captioner.num_captions={NUM_CAPTIONS}",
+            "runtime.batch_size=4", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_models, reference):
+    root = tmp_path_factory.mktemp("e2e")
+    paths = make_web_shards(root / "in", shards=2, per_shard=7)
+    bad = [
+        {"key": "bad_html", "jpg": b"<html><body>not an image</body></html>", "txt": "a red square",
+         "json": {"url": "http://127.0.0.1/x.jpg"}},
+        {"key": "no_image", "txt": "a caption without its image"},
+        {"key": "ok", "png": image_bytes("yellow", "PNG"), "txt": "a yellow square"},
+    ]
+    paths.append(write_shard(root / "in" / "00002.tar", bad))
+    inputs = read_inputs(paths)
+    # The random tiny filter scores everything near 0.46. A first run at a threshold
+    # above every score drops every image; its scores then give a threshold that
+    # splits the images, so that the second run both keeps and drops.
+    rc0 = main(run_args(tiny_models, [str(root / "in" / "{00000..00002}.tar")], root / "none", 0.9))
+    best = [max([r["web_score"], *r["caption_scores"]]) for r in rows_of(root / "none")
+            if r["status"] != "error"]
+    threshold = statistics.median(best)
+    out = root / "out"
+    rc = main(run_args(tiny_models, [str(root / "in" / "{00000..00002}.tar")], out, threshold))
+    return dict(rc=rc, rc0=rc0, root=root, out=out, paths=paths, inputs=inputs, threshold=threshold)
+
+
+def rows_of(out):
+    rows = []
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".parquet"):
+            rows += pq.read_table(out / name).to_pylist()
+    return rows
+
+
+def test_run_succeeds_and_writes_every_output_file(first_run):
+    assert first_run["rc"] == first_run["rc0"] == 0
+    names = set(os.listdir(first_run["out"]))
+    for shard in ("00000", "00001", "00002"):
+        assert {f"{shard}.tar", f"{shard}.parquet", f"{shard}_stats.json"} <= names
+    assert {"run.json", "stats.json"} <= names
+    assert not [n for n in names if ".tmp-" in n]
+    run = json.loads((first_run["out"] / "run.json").read_text())
+    assert run["config"]["filter"]["threshold"] == first_run["threshold"]
+    assert run["versions"]["transformers"] and run["models_resolved"]["filter"]["resolved"].startswith("sha256:")
+
+
+def test_run_that_keeps_nothing_writes_empty_tars_and_full_parquet(first_run):
+    none = first_run["root"] / "none"
+    for shard in ("00000", "00001", "00002"):
+        with tarfile.open(none / f"{shard}.tar") as tar:
+            assert tar.getmembers() == []
+    rows = rows_of(none)
+    assert len(rows) == len(first_run["inputs"])
+    assert {r["status"] for r in rows} == {"dropped", "error"}
+    schemas = {pq.read_schema(none / f"{s}.parquet") for s in ("00000", "00001", "00002")}
+    assert len(schemas) == 1
+
+
+def test_every_input_key_is_one_parquet_row(first_run):
+    rows = rows_of(first_run["out"])
+    keys = [r["key"] for r in rows]
+    assert sorted(keys) == sorted(first_run["inputs"])
+    assert len(keys) == len(set(keys))
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["bad_html"]["status"] == "error" and "bad_html.jpg" in by_key["bad_html"]["error"]
+    assert by_key["no_image"]["status"] == "error" and "no image" in by_key["no_image"]["error"]
+    assert by_key["bad_html"]["url"] == "http://127.0.0.1/x.jpg"
+    assert {r["status"] for r in rows} == {"kept", "dropped", "error"}
+    stats = json.loads((first_run["out"] / "stats.json").read_text())
+    assert (stats["samples"], stats["error"]) == (len(rows), 2)
+    assert stats["kept"] + stats["dropped"] + stats["error"] == stats["samples"]
+
+
+def test_scores_and_decisions_match_transformers(first_run, reference):
+    threshold = first_run["threshold"]
+    for row in rows_of(first_run["out"]):
+        if row["status"] == "error":
+            continue
+        image = first_run["inputs"][row["key"]]
+        image = image.get("jpg") or image.get("png")
+        assert row["web_score"] == pytest.approx(reference(image, row["web_text"]), abs=1e-4)
+        assert len(row["captions"]) == len(row["caption_scores"]) == NUM_CAPTIONS
+        for caption, score in zip(row["captions"], row["caption_scores"]):
+            assert not caption.startswith("a picture of")
+            assert score == pytest.approx(reference(image, caption), abs=1e-4)
+        passing = {t: s for t, s in zip(row["captions"], row["caption_scores"]) if s >= threshold}
+        if row["web_score"] >= threshold:
+            passing[row["web_text"]] = row["web_score"]
+        assert row["status"] == ("kept" if passing else "dropped")
+        assert set(row["kept_texts"]) == set(passing)
+        assert row["web_kept"] == (row["web_score"] >= threshold)
+        if passing:
+            assert row["text"] == max(passing, key=passing.get)
+        else:
+            assert row["text"] is None
+
+
+def test_tars_hold_kept_samples_with_original_image_bytes(first_run):
+    rows = {r["key"]: r for r in rows_of(first_run["out"])}
+    written = read_inputs([str(first_run["out"] / f"{s}.tar") for s in ("00000", "00001", "00002")])
+    assert set(written) == {k for k, r in rows.items() if r["status"] == "kept"}
+    for key, members in written.items():
+        original = first_run["inputs"][key]
+        ext = next(e for e in ("jpg", "png") if e in original)
+        assert set(members) == {ext, "txt", "json"}
+        assert members[ext] == original[ext]
+        assert members["txt"].decode() == rows[key]["text"]
+        meta = json.loads(members["json"])
+        original_meta = json.loads(original.get("json", b"{}"))
+        assert {k: meta[k] for k in original_meta} == original_meta
+        record = meta["capfilt"]
+        assert record["web_score"] == rows[key]["web_score"]
+        assert [c["score"] for c in record["captions"]] == rows[key]["caption_scores"]
+        assert {k["origin"] for k in record["kept_texts"]} <= {"web", "synthetic"}
+        assert [k["text"] for k in record["kept_texts"]] == rows[key]["kept_texts"]
+
+
+def test_output_reads_in_webdataset_training_pipeline(first_run):
+    urls = [str(first_run["out"] / f"{s}.tar") for s in ("00000", "00001", "00002")]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png;jpeg;webp", "txt")
+    pairs = list(ds)
+    kept = [r for r in rows_of(first_run["out"]) if r["status"] == "kept"]
+    assert len(pairs) == len(kept) > 0
+    for image, text in pairs:
+        assert isinstance(image, Image.Image) and image.size == (48, 40)
+        assert isinstance(text, str) and text
+
+
+def test_rerun_skips_completed_shards(first_run, tiny_models, capsys):
+    out = first_run["out"]
+    before = {n: (out / n).stat().st_mtime_ns for n in os.listdir(out) if n.startswith("0000")}
+    rc = main(run_args(tiny_models, [str(first_run["root"] / "in")], out, first_run["threshold"]))
+    assert rc == 0
+    after = {n: (out / n).stat().st_mtime_ns for n in os.listdir(out) if n.startswith("0000")}
+    assert after == before
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shards_skipped"] == 3 and stats["shards_done"] == 3
+    assert stats["samples"] == len(first_run["inputs"])
+    assert "shards skipped (already done)  3" in capsys.readouterr().out
+
+
+def test_other_config_into_same_output_is_refused(first_run, tiny_models, capsys):
+    rc = main(run_args(tiny_models, [str(first_run["root"] / "in")], first_run["out"], 0.1234))
+    assert rc == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_unknown_override_is_a_config_error(first_run, tiny_models, capsys):
+    rc = main(run_args(tiny_models, [str(first_run["root"] / "in")], first_run["out"], 0.5,
+                       "filter.treshold=0.3"))
+    assert rc == 2
+    assert "filter.treshold" in capsys.readouterr().err
+
+
+def test_missing_shard_fails_alone_and_output_is_reproducible(first_run, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    missing = str(first_run["root"] / "in" / "00009.tar")
+    rc = main(run_args(tiny_models, [first_run["paths"][0], missing], out, first_run["threshold"],
+                       "runtime.shard_attempts=2"))
+    assert rc == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shards_failed"] == 1 and stats["shards_done"] == 1
+    (failure,) = stats["failed"]
+    assert failure["shard"] == "00009" and failure["attempts"] == 2 and "00009.tar" in failure["error"]
+    assert not (out / "00009_stats.json").exists()
+    # Same shard, same config, another run and worker: the same bytes.
+    for name in ("00000.tar", "00000.parquet"):
+        assert (out / name).read_bytes() == (first_run["out"] / name).read_bytes()
