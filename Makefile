@@ -3,17 +3,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Loopback only (see ARCHITECTURE.md): keep Ray on 127.0.0.1, no usage stats,
-# no cloud-metadata probes, no model-hub or update look-ups.
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export RAY_AUTH_MODE := disabled
-export RAY_USAGE_STATS_ENABLED := 0
-export HTTP_PROXY := http://127.0.0.1:9
-export HTTPS_PROXY := http://127.0.0.1:9
-export NO_PROXY := localhost,127.0.0.1,::1
-export HF_HUB_OFFLINE := 1
-export NO_ALBUMENTATIONS_UPDATE := 1
-unexport RAY_ADDRESS
+# Loopback only (see ARCHITECTURE.md): keep Ray on 127.0.0.1, no usage stats, no
+# cloud-metadata probes, no model-hub or update look-ups. Set for test and demo only:
+# the proxy variables would also stop pip from reaching the package index.
+LOOPBACK_ENV := env -u RAY_ADDRESS \
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+	RAY_AUTH_MODE=disabled \
+	RAY_USAGE_STATS_ENABLED=0 \
+	HTTP_PROXY=http://127.0.0.1:9 \
+	HTTPS_PROXY=http://127.0.0.1:9 \
+	NO_PROXY=localhost,127.0.0.1,::1 \
+	HF_HUB_OFFLINE=1 \
+	NO_ALBUMENTATIONS_UPDATE=1
 
 .PHONY: install test demo clean
 
@@ -28,10 +29,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(LOOPBACK_ENV) $(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m pipelines.demo --output demo_output
+	$(LOOPBACK_ENV) $(PY) -m pipelines.demo --output demo_output
 
 clean:
 	rm -rf demo_output .pytest_cache
