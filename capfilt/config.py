@@ -52,6 +52,8 @@ class FilterConfig:
 class ReaderConfig:
     # Images with more pixels than this are errors, not decoded (decompression bombs).
     max_image_pixels: int = 50_000_000
+    # A tar member larger than this is not read into memory; its sample becomes an error.
+    max_member_bytes: int = 64 * 1024 * 1024
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
 
 
@@ -79,6 +81,8 @@ class RuntimeConfig:
 class Config:
     input: Union[str, list[str], None] = None
     output: Union[str, None] = None
+    # fsspec options per protocol, e.g. {s3: {endpoint_url: ..., anon: false}}.
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
@@ -102,14 +106,21 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **t
     raw: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not KEY=VALUE")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key.strip()}: value {value!r} is not valid YAML ({exc})") from exc
+        _set_dotted(raw, key.strip(), parsed)
     for key, value in top_level.items():
         if value is not None:
             raw[key] = value
@@ -159,6 +170,13 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check(key_tp, k, f"{key} key"): _check(value_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -187,7 +205,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_length": (1, float("inf")),
     "min_length": (0, float("inf")),
     "max_text_tokens": (2, float("inf")),
-    "max_image_pixels": (1, float("inf")),
+    # PIL refuses outright above twice its MAX_IMAGE_PIXELS default.
+    "max_image_pixels": (1, 178_956_970),
+    "max_member_bytes": (1, float("inf")),
     "num_workers": (1, float("inf")),
     "cpus_per_worker": (1, float("inf")),
     "gpus_per_worker": (0, float("inf")),

@@ -17,6 +17,7 @@ class Sample:
     """
 
     key: str
+    source: str = ""  # the shard URL, so that every error names the shard and the key
     image: bytes | None = None
     image_ext: str | None = None
     web_text: str | None = None

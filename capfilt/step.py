@@ -7,6 +7,7 @@ The step knows nothing of how it is scheduled; the Ray executor calls ``run``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import numpy as np
 
 from capfilt.config import Config
 from capfilt.decision import decide
-from capfilt.io.fs import OutputDir
+from capfilt.io.fs import OutputDir, configure_storage
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import ReaderOptions, read_shard
 from capfilt.io.writer import ShardWriter
@@ -30,6 +31,8 @@ from capfilt.sample import DROPPED, ERROR, KEPT, Sample
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, int]], None]
+# The part of a stats file that differs between runs of the same input and config.
+TIMING = "timing"
 
 
 class CapFiltStep:
@@ -37,6 +40,7 @@ class CapFiltStep:
 
     def __init__(self, config: Config):
         self.config = config
+        configure_storage(config.storage_options)
         rt = config.runtime
         self.device = resolve_device(rt.device)
         self.dtype = torch_dtype(rt.dtype, self.device)
@@ -47,7 +51,8 @@ class CapFiltStep:
         self.processors = {"captioner": cap_proc}
         if itm_proc.to_dict() != cap_proc.to_dict():
             self.processors["filter"] = itm_proc
-        self.reader_options = ReaderOptions(image_extensions=config.reader.image_extensions)
+        self.reader_options = ReaderOptions(image_extensions=config.reader.image_extensions,
+                                            max_member_bytes=config.reader.max_member_bytes)
 
     def revisions(self) -> dict[str, Any]:
         return {
@@ -62,7 +67,7 @@ class CapFiltStep:
         try:
             image = decode_rgb(sample.image, self.config.reader.max_image_pixels)
         except ImageError as exc:
-            return sample.fail(f"{sample.key}.{sample.image_ext}: {exc}")
+            return sample.fail(f"{sample.source}: {sample.key}.{sample.image_ext}: {exc}")
         sample.width, sample.height = image.size
         sample.pixels = {
             name: proc(images=image, return_tensors="np")["pixel_values"][0]
@@ -142,8 +147,24 @@ def _count(counts: Counter, sample: Sample, threshold: float) -> None:
     counts["captions_kept"] += sum(score >= threshold for score in sample.caption_scores)
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
 def _shard_stats(task: ShardTask, counts: Counter, start: float, end: float) -> dict[str, Any]:
-    seconds = end - start
+    """Counts, then what varies from run to run under ``timing``."""
     return {
         "shard": task.name,
         "input": task.url,
@@ -155,7 +176,12 @@ def _shard_stats(task: ShardTask, counts: Counter, start: float, end: float) -> 
         "web_kept": counts["web_kept"],
         "captions": counts["captions"],
         "captions_kept": counts["captions_kept"],
-        "seconds": round(seconds, 3),
-        "started_at": start,
-        "finished_at": end,
+        TIMING: {
+            "seconds": round(end - start, 3),
+            "started_at": start,
+            "finished_at": end,
+            "worker_pid": os.getpid(),
+            "worker_node": _node_id(),
+            "worker_peak_rss_mb": peak_rss_mb(),
+        },
     }

@@ -6,17 +6,16 @@ import functools
 import json
 import logging
 import platform
-import sys
 import time
 from importlib import metadata
 from typing import Any
 
 from capfilt.config import Config
-from capfilt.io.fs import OutputDir, expand_input
+from capfilt.io.fs import OutputDir, configure_storage, expand_input
 from capfilt.runtime.executor import RayExecutor, ShardResult
 from capfilt.runtime.progress import SampleBar, estimate_samples
 from capfilt.runtime.shards import done_marker, plan_shards, split_done
-from capfilt.step import CapFiltStep
+from capfilt.step import TIMING, CapFiltStep
 
 log = logging.getLogger("capfilt")
 
@@ -39,11 +38,10 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
         raise ValueError("no input: give --input or set 'input' in the config")
     if not config.output:
         raise ValueError("no output: give --output or set 'output' in the config")
+    configure_storage(config.storage_options)
     tasks = plan_shards(expand_input(config.input), config.output)
     out = OutputDir(config.output)
-    stale = out.remove_temporaries()
-    if stale:
-        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    _remove_temporaries(out)
     _check_compatible(out, config, mode)
     pending, done = split_done(tasks, out) if mode == "incremental" else (tasks, [])
     record = _run_record(config, len(tasks))
@@ -51,33 +49,60 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
 
     start = time.time()
     bar = SampleBar(estimate_samples(pending), len(pending), disable=not progress)
-    failed: list[ShardResult] = []
-    processed = [0]
+    this_run = RunTally()
 
     def on_result(result: ShardResult) -> None:
         bar.shard_done()
+        this_run.add(result)
         if not result.ok:
-            failed.append(result)
             bar.write(f"shard {result.task.name} FAILED after {result.attempts} attempts: {result.error}")
-            return
-        processed[0] += result.stats["samples"]
-        if verbose:
+        elif verbose:
             s = result.stats
             bar.write(f"shard {result.task.name}: {s['samples']} samples, {s['kept']} kept, "
-                      f"{s['error']} errors, {s['seconds']:.1f}s")
+                      f"{s['error']} errors, {s[TIMING]['seconds']:.1f}s")
 
     executor = RayExecutor(functools.partial(make_step, config), config.runtime)
     try:
         executor.run(pending, on_result=on_result, on_progress=bar.update)
     finally:
         bar.close()
+    _remove_temporaries(out)  # those of workers that died mid-shard
     if executor.worker_infos:
         record["models_resolved"] = executor.worker_infos[0].details
         out.write_bytes(RUN_FILE, _json(record))
-    stats = _aggregate(out, tasks, len(done), failed, processed[0], time.time() - start)
+    stats = _aggregate(out, tasks, this_run)
+    stats[TIMING].update(seconds=round(time.time() - start, 3), shards_skipped=len(done))
+    seconds = stats[TIMING]["seconds"]
+    stats[TIMING]["images_per_s"] = round(this_run.samples / seconds, 3) if seconds > 0 else None
     out.write_bytes(STATS_FILE, _json(stats))
     print_summary(stats)
-    return 1 if failed else 0
+    return 1 if this_run.failed else 0
+
+
+class RunTally:
+    """What this run did, as opposed to what the output folder holds."""
+
+    def __init__(self):
+        self.samples = 0
+        self.processed = 0
+        self.failed: list[ShardResult] = []
+        self.peak_rss_mb: dict[str, float] = {}
+
+    def add(self, result: ShardResult) -> None:
+        if not result.ok:
+            self.failed.append(result)
+            return
+        self.processed += 1
+        self.samples += result.stats["samples"]
+        timing = result.stats[TIMING]
+        pid = str(timing["worker_pid"])
+        self.peak_rss_mb[pid] = max(self.peak_rss_mb.get(pid, 0.0), timing["worker_peak_rss_mb"])
+
+
+def _remove_temporaries(out: OutputDir) -> None:
+    stale = out.remove_temporaries()
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run or worker", len(stale))
 
 
 def _check_compatible(out: OutputDir, config: Config, mode: str) -> None:
@@ -99,8 +124,10 @@ def _run_record(config: Config, shards: int) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    resolved = config.to_dict()
+    resolved["storage_options"] = _redact(resolved["storage_options"])
     return {
-        "config": config.to_dict(),
+        "config": resolved,
         "fingerprint": config.fingerprint(),
         "versions": versions,
         "models": {
@@ -108,38 +135,42 @@ def _run_record(config: Config, shards: int) -> dict[str, Any]:
             "filter": {"model": config.filter.model, "revision": config.filter.revision},
         },
         "shards": shards,
-        "command": sys.argv,
     }
+
+
+def _redact(options: dict[str, dict]) -> dict[str, dict]:
+    """Storage options without credentials, for run.json."""
+    secret = ("key", "secret", "token", "password", "credential")
+    return {proto: {k: "***" if any(w in k.lower() for w in secret) else v for k, v in kw.items()}
+            for proto, kw in options.items()}
 
 
 SUM_KEYS = ("samples", "kept", "dropped", "error", "web_texts", "web_kept", "captions", "captions_kept")
 
 
-def _aggregate(out: OutputDir, tasks, skipped: int, failed: list[ShardResult],
-               processed_now: int, seconds: float) -> dict[str, Any]:
-    """Totals over every done shard of the input, from their stats files."""
+def _aggregate(out: OutputDir, tasks, this_run: RunTally) -> dict[str, Any]:
+    """Totals over every done shard of the input, read back from their stats files."""
     totals = dict.fromkeys(SUM_KEYS, 0)
     present = set(out.listdir())
-    done = 0
-    for task in tasks:
-        if done_marker(task.name) not in present:
-            continue
-        done += 1
+    done = [t for t in tasks if done_marker(t.name) in present]
+    for task in done:
         shard = json.loads(out.read_text(done_marker(task.name)))
         for key in SUM_KEYS:
             totals[key] += shard.get(key, 0)
     return {
         "shards": len(tasks),
-        "shards_done": done,
-        "shards_skipped": skipped,
-        "shards_failed": len(failed),
+        "shards_done": len(done),
+        "shards_failed": len(this_run.failed),
         "failed": [{"shard": r.task.name, "input": r.task.url, "attempts": r.attempts,
-                    "error": r.error} for r in failed],
+                    "error": r.error} for r in this_run.failed],
         **totals,
         "web_kept_pct": _pct(totals["web_kept"], totals["web_texts"]),
         "captions_kept_pct": _pct(totals["captions_kept"], totals["captions"]),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(processed_now / seconds, 3) if seconds > 0 else None,
+        TIMING: {
+            "shards_processed": this_run.processed,
+            "samples_processed": this_run.samples,
+            "worker_peak_rss_mb": this_run.peak_rss_mb,
+        },
     }
 
 
@@ -154,7 +185,7 @@ def _json(obj: Any) -> bytes:
 def print_summary(stats: dict[str, Any]) -> None:
     rows = [
         ("shards done", f"{stats['shards_done']} of {stats['shards']}"),
-        ("shards skipped (already done)", stats["shards_skipped"]),
+        ("shards skipped (already done)", stats[TIMING]["shards_skipped"]),
         ("shards failed", stats["shards_failed"]),
         ("samples in", stats["samples"]),
         ("kept", stats["kept"]),
@@ -162,7 +193,7 @@ def print_summary(stats: dict[str, Any]) -> None:
         ("errors", stats["error"]),
         ("web texts kept", _fmt_pct(stats["web_kept"], stats["web_kept_pct"])),
         ("synthetic captions kept", _fmt_pct(stats["captions_kept"], stats["captions_kept_pct"])),
-        ("images/s (this run)", stats["images_per_s"]),
+        ("images/s (this run)", stats[TIMING]["images_per_s"]),
     ]
     width = max(len(name) for name, _ in rows)
     print("\ncapfilt summary")

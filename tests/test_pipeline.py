@@ -190,7 +190,7 @@ def test_rerun_skips_completed_shards(first_run, tiny_models, capsys):
     after = {n: (out / n).stat().st_mtime_ns for n in os.listdir(out) if n.startswith("0000")}
     assert after == before
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["shards_skipped"] == 3 and stats["shards_done"] == 3
+    assert stats["timing"]["shards_skipped"] == 3 and stats["shards_done"] == 3
     assert stats["samples"] == len(first_run["inputs"])
     assert "shards skipped (already done)  3" in capsys.readouterr().out
 

@@ -16,7 +16,18 @@ from fsspec.core import url_to_fs
 TMP_MARKER = ".tmp-"
 
 
-def expand_input(spec: str | list[str], suffix: str = ".tar") -> list[str]:
+def configure_storage(options: dict[str, dict]) -> None:
+    """Default fsspec options per protocol (``{"s3": {"endpoint_url": ...}}``) for this process."""
+    from fsspec.config import conf
+
+    for protocol, kwargs in options.items():
+        conf.setdefault(protocol, {}).update(kwargs)
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def expand_input(spec: str | list[str], suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> list[str]:
     """Expand a brace pattern, glob, directory, or list of those into sorted shard URLs.
 
     Raises ``FileNotFoundError`` naming the pattern that matched nothing, so a typo
@@ -27,12 +38,12 @@ def expand_input(spec: str | list[str], suffix: str = ".tar") -> list[str]:
     urls: list[str] = []
     for item in specs:
         for pattern in braceexpand(item):
-            urls.extend(_expand_one(pattern, suffix))
+            urls.extend(_expand_one(pattern, suffixes))
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
 
 
-def _expand_one(pattern: str, suffix: str) -> list[str]:
+def _expand_one(pattern: str, suffixes: tuple[str, ...]) -> list[str]:
     fs, path = url_to_fs(pattern)
     if any(ch in path for ch in "*?["):
         matches = sorted(fs.glob(path))
@@ -40,9 +51,12 @@ def _expand_one(pattern: str, suffix: str) -> list[str]:
             raise FileNotFoundError(f"input pattern {pattern!r} matched no file")
         return [_unstrip(fs, m) for m in matches]
     if fs.isdir(path):
-        matches = sorted(p for p in fs.find(path) if p.endswith(suffix))
+        # The folder's own shards only, as img2dataset writes them: not subfolders
+        # (an output folder inside it) and not hidden temporaries.
+        matches = sorted(p for p in fs.ls(path, detail=False)
+                         if p.endswith(suffixes) and not posixpath.basename(p).startswith("."))
         if not matches:
-            raise FileNotFoundError(f"input folder {pattern!r} holds no *{suffix} file")
+            raise FileNotFoundError(f"input folder {pattern!r} holds no shard ({', '.join(suffixes)})")
         return [_unstrip(fs, m) for m in matches]
     return [pattern]
 
@@ -79,6 +93,7 @@ class OutputDir:
         return posixpath.join(self.root, name)
 
     def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache(self.root)
         return self.fs.exists(self.path(name))
 
     def read_text(self, name: str) -> str:
@@ -86,6 +101,7 @@ class OutputDir:
             return f.read()
 
     def listdir(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)  # object stores cache listings; workers write here
         return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False))
 
     @contextlib.contextmanager

@@ -20,6 +20,10 @@ from capfilt.sample import Sample
 log = logging.getLogger(__name__)
 
 
+class ShardReadError(OSError):
+    """The shard is not a readable tar at all: a failure of the shard, to retry and report."""
+
+
 @dataclass
 class ReaderOptions:
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
@@ -65,6 +69,8 @@ def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
         for info in tar:
+            if info.isdir():
+                continue
             key, ext = split_key(info.name)
             if key != group_key:
                 if group_key is not None:
@@ -82,9 +88,11 @@ def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:
             members[ext] = tar.extractfile(info).read()
             tar.members = []  # stream mode: keep no history of members
     except (tarfile.TarError, EOFError) as exc:
-        cut = group_key if group_key is not None else "__shard__"
+        if group_key is None:
+            raise ShardReadError(f"{url}: not a readable tar: {exc}") from exc
+        cut = group_key
         log.warning("%s: tar is truncated or corrupt after key %r: %s", url, cut, exc)
-        yield Sample(key=cut).fail(f"tar truncated or corrupt in {url} at key {cut!r}: {exc}")
+        yield Sample(key=cut, source=url).fail(f"tar truncated or corrupt in {url} at key {cut!r}: {exc}")
         return
     if group_key is not None:
         yield _assemble(group_key, members, notes, seen, url, options)
@@ -92,7 +100,7 @@ def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:
 
 def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[str],
               url: str, options: ReaderOptions) -> Sample:
-    sample = Sample(key=key)
+    sample = Sample(key=key, source=url)
     reason = unsafe_name(key)
     if reason:
         return sample.fail(f"{url}: {reason}: {key!r}")

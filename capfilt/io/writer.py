@@ -128,6 +128,9 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self._tar.close()
+        else:
+            with contextlib.suppress(Exception):
+                self._tar.close()
         self._stack.__exit__(exc_type, exc, tb)
         if exc_type is None:
             self._write_parquet()

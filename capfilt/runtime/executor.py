@@ -147,7 +147,12 @@ class RayExecutor:
     def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
         rt = self.runtime
         progress_name = f"capfilt-progress-{uuid.uuid4().hex}"
-        progress = ray.remote(_Progress).options(name=progress_name, num_cpus=0).remote()
+        # On the driver's node, which lives as long as the run; workers' nodes may not.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        progress = ray.remote(_Progress).options(
+            name=progress_name, num_cpus=0, scheduling_strategy=here).remote()
         workers = [self._new_worker(ray, progress_name) for _ in range(min(rt.num_workers, len(tasks)))]
         try:
             self.worker_infos = ray.get([w.info.remote() for w in workers])
@@ -166,7 +171,7 @@ class RayExecutor:
                 inflight[worker.process.remote(task)] = (worker, task)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             if on_progress:
-                on_progress(ray.get(progress.totals.remote()))
+                _report_progress(ray, progress, on_progress)
             for ref in ready:
                 worker, task = inflight.pop(ref)
                 try:
@@ -188,8 +193,15 @@ class RayExecutor:
                 if on_result:
                     on_result(result)
         if on_progress:
-            on_progress(ray.get(progress.totals.remote()))
+            _report_progress(ray, progress, on_progress)
         return results
+
+
+def _report_progress(ray, progress, on_progress) -> None:
+    try:
+        on_progress(ray.get(progress.totals.remote(), timeout=5))
+    except (ray.exceptions.RayError, TimeoutError) as exc:  # progress is cosmetic
+        log.debug("no progress update: %s", exc)
 
 
 def _task_error(exc) -> str:

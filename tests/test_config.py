@@ -1,0 +1,165 @@
+"""capfilt.config: the shipped YAML files, dotted overrides, validation, the fingerprint."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from capfilt.config import Config, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+LARGE = CONFIGS / "blip_large.yaml"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(str(path))
+    assert isinstance(config, Config)
+    assert config.captioner.min_length <= config.captioner.max_length
+
+
+@pytest.mark.parametrize("name, captioner, itm", [
+    ("blip_large.yaml", "Salesforce/blip-image-captioning-large", "Salesforce/blip-itm-large-coco"),
+    ("blip_base.yaml", "Salesforce/blip-image-captioning-base", "Salesforce/blip-itm-base-coco"),
+])
+def test_blip_configs_keep_capfilt_defaults(name, captioner, itm):
+    config = load_config(str(CONFIGS / name))
+    cap = config.captioner
+    assert cap.model == captioner
+    assert config.filter.model == itm
+    assert cap.prompt == "a picture of "  # the trailing space matters to BLIP's tokenizer
+    assert (cap.top_p, cap.max_length, cap.min_length) == (0.9, 20, 5)
+    assert cap.repetition_penalty == 1.1
+    assert cap.num_captions == 5
+    assert config.filter.threshold == 0.5
+
+
+def test_defaults_without_a_file_are_blip_large():
+    config = load_config()
+    assert config.captioner.model == "Salesforce/blip-image-captioning-large"
+    assert config.filter.model == "Salesforce/blip-itm-large-coco"
+    large = load_config(str(LARGE))
+    for section in ("captioner", "filter", "reader"):
+        assert getattr(config, section) == getattr(large, section), section
+
+
+def test_overrides_are_applied_with_yaml_typing():
+    config = load_config(str(LARGE), [
+        "filter.threshold=0.6",
+        "runtime.num_workers=3",
+        "runtime.ray_address=null",
+        "runtime.gpus_per_worker=1",
+        'captioner.prompt="a photo of "',
+        "reader.image_extensions=[jpg, png]",
+    ])
+    assert config.filter.threshold == 0.6 and type(config.filter.threshold) is float
+    assert config.runtime.num_workers == 3 and type(config.runtime.num_workers) is int
+    assert config.runtime.ray_address is None
+    # An int where a float is expected is widened, so arithmetic downstream stays float.
+    assert config.runtime.gpus_per_worker == 1.0 and type(config.runtime.gpus_per_worker) is float
+    assert config.captioner.prompt == "a photo of "
+    assert config.reader.image_extensions == ["jpg", "png"]
+    # Untouched keys keep the file's values.
+    assert config.runtime.batch_size == 32
+
+
+def test_override_sets_a_string_address():
+    config = load_config(str(LARGE), ["runtime.ray_address=127.0.0.1:6379"])
+    assert config.runtime.ray_address == "127.0.0.1:6379"
+
+
+def test_input_and_output_keywords_win_over_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: from_file/{0..1}.tar\noutput: out_file\n")
+    config = load_config(str(path), ["output=out_override"], input="kw/*.tar", output="out_kw")
+    assert config.input == "kw/*.tar"
+    assert config.output == "out_kw"
+    # None keywords (flags not given on the command line) leave the file's values alone.
+    config = load_config(str(path), input=None, output=None)
+    assert config.input == "from_file/{0..1}.tar"
+    assert config.output == "out_file"
+
+
+def test_input_may_be_a_list(tmp_path):
+    config = load_config(None, input=["a/0.tar", "b/*.tar"])
+    assert config.input == ["a/0.tar", "b/*.tar"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["bogus=1"], "bogus"),
+    (["filter.thresh=0.6"], "filter.thresh"),
+    (["runtime.num_gpus=1"], "runtime.num_gpus"),
+    (["filter.threshold=high"], "filter.threshold"),
+    (["runtime.num_workers=2.5"], "runtime.num_workers"),
+    (["runtime.num_workers=true"], "runtime.num_workers"),
+    (["runtime.ray_address=3"], "runtime.ray_address"),
+    (["captioner=3"], "captioner"),
+    (["reader.image_extensions=jpg"], "reader.image_extensions"),
+    (["filter.threshold=1.5"], "filter.threshold"),
+    (["filter.threshold=-0.1"], "filter.threshold"),
+    (["captioner.top_p=1.01"], "captioner.top_p"),
+    (["runtime.num_workers=0"], "runtime.num_workers"),
+    (["runtime.batch_size=0"], "runtime.batch_size"),
+    (["runtime.dtype=fp8"], "runtime.dtype"),
+    (["runtime.device=tpu"], "runtime.device"),
+    (["filter.selection=longest"], "filter.selection"),
+    (["captioner.min_length=30"], "captioner.min_length"),
+    (["filter.threshold"], "filter.threshold"),
+    (["=0.6"], "=0.6"),
+])
+def test_bad_values_raise_config_error_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(LARGE), overrides)
+    assert key in str(info.value)
+
+
+def test_unknown_key_in_the_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("filter:\n  threshold: 0.5\n  thresh: 0.7\n")
+    with pytest.raises(ConfigError, match=r"filter\.thresh\b"):
+        load_config(str(path))
+
+
+def test_unknown_top_level_key_in_the_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("captoner:\n  num_captions: 3\n")
+    with pytest.raises(ConfigError, match="captoner"):
+        load_config(str(path))
+
+
+def test_min_length_over_max_length_in_the_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("captioner:\n  max_length: 10\n  min_length: 12\n")
+    with pytest.raises(ConfigError, match="min_length"):
+        load_config(str(path))
+
+
+def test_a_file_that_is_not_a_mapping_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(path))
+
+
+def test_fingerprint_tracks_what_changes_the_output():
+    base = load_config(str(LARGE))
+    same = load_config(str(LARGE))
+    assert base.fingerprint() == same.fingerprint()
+    for override in ("filter.threshold=0.6", "captioner.model=Salesforce/blip-image-captioning-base",
+                     "filter.model=other/itm", "captioner.num_captions=3", "runtime.seed=1",
+                     "runtime.dtype=bfloat16"):
+        assert load_config(str(LARGE), [override]).fingerprint() != base.fingerprint(), override
+
+
+def test_fingerprint_ignores_placement_input_and_output():
+    base = load_config(str(LARGE))
+    moved = load_config(str(LARGE), ["runtime.num_workers=7", "runtime.batch_size=4",
+                                     "runtime.ray_address=10.0.0.1:6379"],
+                        input="other/{0..9}.tar", output="elsewhere")
+    assert moved.fingerprint() == base.fingerprint()
+
+
+@pytest.mark.parametrize("override", ["captioner.prompt=[a photo", "captioner.prompt=a: b: c"])
+def test_override_with_invalid_yaml_value_raises_config_error_naming_the_key(override):
+    with pytest.raises(ConfigError, match=r"captioner\.prompt"):
+        load_config(str(LARGE), [override])
