@@ -1,0 +1,168 @@
+"""Nothing lost, nothing twice: driver and worker kills, node loss, failing shards.
+
+Each test compares its output with that of one uninterrupted run of the same
+config: every tar and parquet byte for byte, every stats file but its timing.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_web_shards
+from faults import kill_group, names, snapshot, wait_for
+
+from pipelines.cli import main
+
+SHARDS, PER_SHARD = 4, 8
+
+
+def args(tiny_models, inputs, output, *extra):
+    cap, itm = tiny_models
+    return ["run", "--config", "configs/tiny.yaml", "--input", str(inputs), "--output", str(output),
+            "--no-progress", f"captioner.model={cap}", f"filter.model={itm}",
+            "filter.threshold=0.4633", "captioner.num_captions=3", "runtime.batch_size=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("faults")
+    make_web_shards(root / "in", shards=SHARDS, per_shard=PER_SHARD)
+    out = root / "clean"
+    assert main(args(tiny_models, root / "in", out)) == 0
+    return dict(root=root, inputs=root / "in", out=out, files=snapshot(out))
+
+
+def tmp_tar_present(out):
+    return any(".tar.tmp-" in n for n in names(out))
+
+
+KILL_POINTS = {
+    # run.json is written before any shard starts
+    "before_first_shard": lambda out: "run.json" in names(out),
+    "between_shards": lambda out: any(n.endswith("_stats.json") for n in names(out)),
+    "while_writing": lambda out: any(n.endswith("_stats.json") for n in names(out))
+    and tmp_tar_present(out),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_driver_sigkill_then_rerun_gives_identical_output(clean, tiny_models, tmp_path, point):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipelines.cli", *args(tiny_models, clean["inputs"], out)]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: KILL_POINTS[point](out) or proc.poll() is not None)
+        assert proc.poll() is None, "the run finished before the kill point"
+        proc.send_signal(signal.SIGKILL)  # the driver only
+        proc.wait()
+    finally:
+        kill_group(proc.pid)  # then the Ray processes it had started
+    done_before = sorted(n for n in names(out) if n.endswith("_stats.json"))
+    assert len(done_before) < SHARDS
+    # Nothing partial under a final name: every final tar/parquet that exists is complete.
+    for name in names(out):
+        if name.endswith(".parquet"):
+            assert pq.read_table(out / name).num_rows > 0
+    assert main(args(tiny_models, clean["inputs"], out)) == 0
+    assert snapshot(out) == clean["files"]
+
+
+def test_worker_sigkill_mid_shard_is_redone_identically(clean, tiny_models, tmp_path):
+    from capfilt.config import load_config
+    from capfilt.io.fs import expand_input
+    from capfilt.runtime.executor import RayExecutor
+    from capfilt.runtime.shards import plan_shards
+    from pipelines.run import make_step
+
+    out = tmp_path / "out"
+    config = load_config("configs/tiny.yaml", args(tiny_models, "x", "y")[8:],
+                         input=str(clean["inputs"]), output=str(out))
+    executor = RayExecutor(lambda: make_step(config), config.runtime)
+    killed = []
+
+    def killer():
+        wait_for(lambda: executor.worker_infos and tmp_tar_present(out))
+        pid = executor.worker_infos[0].pid
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    results = executor.run(plan_shards(expand_input(config.input), str(out)))
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert all(r.ok for r in results) and len(results) == SHARDS
+    pids = {json.loads((out / n).read_text())["timing"]["worker_pid"]
+            for n in names(out) if n.endswith("_stats.json")}
+    assert pids - {killed[0]}, "no restarted worker finished a shard"
+    files = snapshot(out)
+    for name, content in clean["files"].items():
+        if name not in ("run.json", "stats.json"):
+            assert files[name] == content, name
+
+
+def test_node_removed_mid_run_completes_on_the_others(clean, tiny_models, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False,
+        _system_config={"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                        "health_check_timeout_ms": 1000, "health_check_failure_threshold": 2}))
+    workers = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+    removed = []
+    try:
+        ray.init(address=cluster.address)
+        out = tmp_path / "out"
+
+        def killer():
+            by_id = {n.node_id: n for n in workers}
+
+            def worker_node_busy():
+                for name in names(out):
+                    if name.endswith("_stats.json"):
+                        node = json.loads((out / name).read_text())["timing"]["worker_node"]
+                        if node in by_id and tmp_tar_present(out):
+                            return by_id[node]
+                return None
+
+            node = wait_for(worker_node_busy)
+            cluster.remove_node(node, allow_graceful=False)
+            removed.append(node.node_id)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        rc = main(args(tiny_models, clean["inputs"], out, f"runtime.ray_address={cluster.address}",
+                       "runtime.num_workers=2"))
+        thread.join(timeout=10)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "no worker node was removed mid-run"
+    assert rc == 0
+    assert snapshot(out) == clean["files"]
+
+
+def test_failed_shard_is_retried_on_rerun(clean, tiny_models, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in os.listdir(clean["inputs"]):
+        (inputs / name).write_bytes((clean["inputs"] / name).read_bytes())
+    broken = inputs / "00001.tar"
+    good = broken.read_bytes()
+    broken.write_bytes(b"this is not a tar file at all" * 100)
+    out = tmp_path / "out"
+    assert main(args(tiny_models, inputs, out, "runtime.shard_attempts=2")) == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert [f["shard"] for f in stats["failed"]] == ["00001"]
+    assert "not a readable tar" in stats["failed"][0]["error"] and stats["failed"][0]["attempts"] == 2
+    assert "00001_stats.json" not in names(out) and "00001.tar" not in names(out)
+    broken.write_bytes(good)
+    assert main(args(tiny_models, inputs, out)) == 0
+    assert snapshot(out) == clean["files"]
