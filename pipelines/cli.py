@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from capfilt.config import ConfigError, load_config
@@ -45,19 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def _split_overrides(inputs: list[str] | None, overrides: list[str]) -> tuple[list[str] | None, list[str]]:
+    """``--input a.tar b.tar key=value``: argparse gives the override to --input; take it back."""
+    if not inputs:
+        return inputs, overrides
+    taken = [i for i in inputs if OVERRIDE.match(i)]
+    return [i for i in inputs if not OVERRIDE.match(i)], taken + overrides
+
+
 def _run(args) -> int:
+    from capfilt.runtime.executor import WorkerStartError
     from pipelines import run as run_pipeline
 
+    inputs, overrides = _split_overrides(args.input, args.overrides)
     try:
-        input_ = None if args.input is None else (args.input[0] if len(args.input) == 1 else args.input)
-        config = load_config(args.config, args.overrides, input=input_, output=args.output)
+        input_ = None if not inputs else (inputs[0] if len(inputs) == 1 else inputs)
+        config = load_config(args.config, overrides, input=input_, output=args.output)
     except (ConfigError, OSError) as exc:
         print(f"capfilt: config error: {exc}", file=sys.stderr)
         return 2
     try:
         return run_pipeline.run(config, mode=args.mode, verbose=args.verbose,
                                 progress=not args.no_progress)
-    except (run_pipeline.RunRefused, ValueError, FileNotFoundError) as exc:
+    except (run_pipeline.RunRefused, WorkerStartError, ValueError, FileNotFoundError) as exc:
         print(f"capfilt: {exc}", file=sys.stderr)
         return 2
 

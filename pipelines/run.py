@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -38,6 +39,7 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
         raise ValueError("no input: give --input or set 'input' in the config")
     if not config.output:
         raise ValueError("no output: give --output or set 'output' in the config")
+    _check_models(config)
     configure_storage(config.storage_options)
     tasks = plan_shards(expand_input(config.input), config.output)
     out = OutputDir(config.output)
@@ -103,6 +105,15 @@ def _remove_temporaries(out: OutputDir) -> None:
     stale = out.remove_temporaries()
     if stale:
         log.info("removed %d temporary files left by an interrupted run or worker", len(stale))
+
+
+def _check_models(config: Config) -> None:
+    """A model that can only be a local path must exist, before any worker tries to load it."""
+    for key, name in (("captioner.model", config.captioner.model), ("filter.model", config.filter.model)):
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+        if looks_local and not os.path.isdir(os.path.expanduser(name)):
+            raise ValueError(f"{key}: {name!r} is not a folder, nor a hub id like 'Salesforce/blip-itm-large-coco'"
+                             " (make tiny local models with: capfilt tiny-models DIR)")
 
 
 def _check_compatible(out: OutputDir, config: Config, mode: str) -> None:

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from capfilt.config import Config, ConfigError, load_config
 

@@ -3,10 +3,8 @@
 import gzip
 import io
 import json
-import struct
 import tarfile
 import time
-import zlib
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,26 +18,7 @@ from capfilt.io.reader import ReaderOptions, read_shard
 from capfilt.io.writer import PARQUET_SCHEMA, ShardWriter
 from capfilt.sample import DROPPED, ERROR, KEPT, Sample
 from conftest import image_bytes, make_web_shards, write_shard
-
-
-def write_raw_tar(path, members):
-    """Write a tar with ``tarfile``: ``members`` is a list of (name, bytes) or TarInfo."""
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for member in members:
-            if isinstance(member, tarfile.TarInfo):
-                tar.addfile(member)
-            else:
-                name, data = member
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
+from corpus import animated_gif, encode, link, png_claiming, sixteen_bit_png, truncated_jpeg, write_raw_tar
 
 
 def touch(folder, *names):
@@ -200,12 +179,6 @@ def test_hostile_member_names_are_errors_and_nothing_is_written(tmp_path, monkey
     assert samples[2].error is None
 
 
-def link(name, target, kind):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, target
-    return info
-
-
 def test_symlink_and_hardlink_members_are_not_read(tmp_path):
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(b"SECRET" * 100)
@@ -278,16 +251,6 @@ def test_directory_entries_are_not_samples(tmp_path):
 
 # --- decode_rgb ----------------------------------------------------------------------------------
 
-def sixteen_bit_png() -> bytes:
-    img = Image.new("I;16", (16, 16))
-    img.putdata([i * 256 for i in range(256)])
-    return encode(img, "PNG")
-
-
-def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-
 
 IMAGES = {
     "rgb_jpeg": lambda: image_bytes("red"),
@@ -343,11 +306,6 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert len(values) > 200 and values[0] == 0 and values[-1] >= 254
 
 
-def truncated_jpeg() -> bytes:
-    data = image_bytes("red", size=(64, 64))
-    return data[: len(data) // 2]
-
-
 @pytest.mark.parametrize("data", [
     b"",
     b"<!DOCTYPE html><html><body>404 Not Found</body></html>",
@@ -357,14 +315,6 @@ def truncated_jpeg() -> bytes:
 def test_undecodable_bytes_raise_image_error(data):
     with pytest.raises(ImageError):
         decode_rgb(data, max_pixels=10**6)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small valid PNG whose IHDR is patched (CRC included) to claim ``width`` x ``height``."""
-    png = encode(Image.new("L", (4, 4), 0), "PNG")
-    assert png[12:16] == b"IHDR"
-    chunk = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
-    return png[:12] + chunk + struct.pack(">I", zlib.crc32(chunk) & 0xFFFFFFFF) + png[33:]
 
 
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (8_000, 8_000)])

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 StepFactory = Callable[[], Any]
 
 
+class WorkerStartError(RuntimeError):
+    """The workers could not build the step (a model that does not load, a bad device)."""
+
+
 @dataclass
 class ShardResult:
     task: ShardTask
@@ -157,7 +161,7 @@ class RayExecutor:
         try:
             self.worker_infos = ray.get([w.info.remote() for w in workers])
         except ray.exceptions.RayActorError as exc:
-            raise RuntimeError(f"capfilt workers failed to start (loading the models?): {exc}") from exc
+            raise WorkerStartError(f"workers failed to start: {_root_cause(exc)}") from exc
         pending = deque(tasks)
         attempts: Counter = Counter()
         inflight: dict[Any, tuple[Any, ShardTask]] = {}
@@ -202,6 +206,12 @@ def _report_progress(ray, progress, on_progress) -> None:
         on_progress(ray.get(progress.totals.remote(), timeout=5))
     except (ray.exceptions.RayError, TimeoutError) as exc:  # progress is cosmetic
         log.debug("no progress update: %s", exc)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last line of the innermost error, which says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _task_error(exc) -> str:
