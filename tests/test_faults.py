@@ -166,3 +166,39 @@ def test_failed_shard_is_retried_on_rerun(clean, tiny_models, tmp_path):
     broken.write_bytes(good)
     assert main(args(tiny_models, inputs, out)) == 0
     assert snapshot(out) == clean["files"]
+
+
+def test_soak_fifty_shards_with_a_worker_kill_and_a_bad_shard(tiny_models, tmp_path):
+    inputs = tmp_path / "in"
+    make_web_shards(inputs, shards=50, per_shard=4)
+    (inputs / "00017.tar").write_bytes(b"\x00garbage, not a tar" * 64)
+    expected_keys = {f"{s:05d}{i:04d}" for s in range(50) if s != 17 for i in range(4)}
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        def busy_worker():
+            for name in names(out):
+                if name.endswith("_stats.json") and tmp_tar_present(out):
+                    return json.loads((out / name).read_text())["timing"]["worker_pid"]
+            return None
+
+        pid = wait_for(busy_worker)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    rc = main(args(tiny_models, inputs, out, "runtime.num_workers=2", "captioner.num_captions=1",
+                   "runtime.batch_size=4"))
+    thread.join(timeout=10)
+    assert killed and rc == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert [f["shard"] for f in stats["failed"]] == ["00017"]
+    keys = []
+    for name in names(out):
+        if name.endswith(".parquet"):
+            keys += pq.read_table(out / name, columns=["key"]).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) and set(keys) == expected_keys
+    assert stats["samples"] == len(expected_keys) == stats["kept"] + stats["dropped"] + stats["error"]
+    assert not [n for n in names(out) if ".tmp-" in n]
