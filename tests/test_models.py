@@ -110,3 +110,15 @@ def test_tiny_checkpoints_are_safetensors_with_blip_tokens(tiny_models):
         assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
         tok = AutoTokenizer.from_pretrained(path)
         assert tok.bos_token == "[DEC]" and "[ENC]" in tok.all_special_tokens
+
+
+def test_checkpoint_without_preprocessor_config_uses_blip_preprocessing(tiny_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "filter"
+    shutil.copytree(tiny_models[1], folder)
+    (folder / "preprocessor_config.json").unlink()
+    itm = ITMFilter(FilterConfig(model=str(folder)), "cpu", "float32")
+    size = itm.model.config.vision_config.image_size
+    assert (itm.image_processor.size.height, itm.image_processor.size.width) == (size, size)
+    assert list(itm.image_processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])

@@ -201,6 +201,17 @@ def test_other_config_into_same_output_is_refused(first_run, tiny_models, capsys
     assert "different config" in capsys.readouterr().err
 
 
+def test_overwrite_mode_redoes_the_output_with_the_new_config(first_run, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    inputs = [first_run["paths"][0]]
+    assert main(run_args(tiny_models, inputs, out, first_run["threshold"])) == 0
+    assert main(run_args(tiny_models, inputs, out, 0.0)) == 2  # refused: another threshold
+    assert main(run_args(tiny_models, inputs, out, 0.0, "--mode", "overwrite")) == 0
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    assert {r["status"] for r in rows} == {"kept"}  # every text passes a threshold of 0
+    assert json.loads((out / "run.json").read_text())["config"]["filter"]["threshold"] == 0.0
+
+
 def test_unknown_override_is_a_config_error(first_run, tiny_models, capsys):
     rc = main(run_args(tiny_models, [str(first_run["root"] / "in")], first_run["out"], 0.5,
                        "filter.treshold=0.3"))

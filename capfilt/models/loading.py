@@ -55,12 +55,22 @@ def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str)
     )
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    # The PIL backend, chosen deliberately: it needs no torchvision and is the same
-    # in tests and production.
-    image_processor = BlipImageProcessorPil.from_pretrained(name, **kwargs)
+    image_processor = load_image_processor(BlipImageProcessorPil, name, model.config, kwargs)
     resolved = getattr(model.config, "_commit_hash", None) or checkpoint_digest(name)
     log.info("loaded %s (%s) on %s as %s", name, resolved, device, dtype)
     return Loaded(model, tokenizer, image_processor, resolved)
+
+
+def load_image_processor(processor_cls, name: str, config, kwargs: dict):
+    """The checkpoint's image processor, PIL backend (no torchvision, same in tests and
+    production); BLIP's defaults at the model's image size when the checkpoint has none."""
+    try:
+        return processor_cls.from_pretrained(name, **kwargs)
+    except OSError:
+        size = config.vision_config.image_size
+        log.warning("%s has no preprocessor_config.json; using BLIP's preprocessing at %dx%d",
+                    name, size, size)
+        return processor_cls(size={"height": size, "width": size})
 
 
 def checkpoint_digest(name: str) -> str | None:
