@@ -149,11 +149,17 @@ def _run_record(config: Config, shards: int) -> dict[str, Any]:
     }
 
 
-def _redact(options: dict[str, dict]) -> dict[str, dict]:
-    """Storage options without credentials, for run.json."""
-    secret = ("key", "secret", "token", "password", "credential")
-    return {proto: {k: "***" if any(w in k.lower() for w in secret) else v for k, v in kw.items()}
-            for proto, kw in options.items()}
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _redact(options: Any) -> Any:
+    """Storage options without credentials, at any depth (``client_kwargs`` too), for run.json."""
+    if isinstance(options, dict):
+        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(v, dict)
+                else _redact(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [_redact(v) for v in options]
+    return options
 
 
 SUM_KEYS = ("samples", "kept", "dropped", "error", "web_texts", "web_kept", "captions", "captions_kept")

@@ -477,3 +477,28 @@ def test_shard_writer_leaves_nothing_when_the_body_raises(tmp_path):
             writer.write(samples[0])
             raise RuntimeError("model crashed")
     assert out.listdir() == []
+
+
+def test_configure_storage_replaces_what_an_earlier_run_set():
+    from fsspec.config import conf
+
+    from capfilt.io.fs import configure_storage
+
+    saved = {k: dict(v) for k, v in conf.items()}
+    try:
+        configure_storage({"memory": {"skip_instance_cache": True}, "s3": {"key": "first-run-key"}})
+        configure_storage({"s3": {"endpoint_url": "http://127.0.0.1:1"}})
+        assert conf["s3"] == {"endpoint_url": "http://127.0.0.1:1"}  # no stale key
+        assert "memory" not in conf
+    finally:
+        configure_storage({})
+        conf.clear()
+        conf.update(saved)
+
+
+def test_object_store_output_creates_no_bucket_and_lists_empty():
+    import fsspec
+
+    out = OutputDir("memory://capfilt-nonexistent-bucket/out")
+    assert out.listdir() == []
+    assert not fsspec.filesystem("memory").exists("/capfilt-nonexistent-bucket")

@@ -233,3 +233,14 @@ def test_missing_shard_fails_alone_and_output_is_reproducible(first_run, tiny_mo
     # Same shard, same config, another run and worker: the same bytes.
     for name in ("00000.tar", "00000.parquet"):
         assert (out / name).read_bytes() == (first_run["out"] / name).read_bytes()
+
+
+def test_run_record_redacts_credentials_at_any_depth():
+    from capfilt.config import load_config
+    from pipelines.run import _run_record
+
+    config = load_config(None, ['storage_options={s3: {endpoint_url: "http://127.0.0.1:9000", key: AKIA, '
+                                'client_kwargs: {aws_secret_access_key: sekrit, region_name: us-east-1}}}'])
+    record = json.dumps(_run_record(config, 1))
+    assert "sekrit" not in record and "AKIA" not in record
+    assert "http://127.0.0.1:9000" in record and "us-east-1" in record

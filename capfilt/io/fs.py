@@ -16,12 +16,23 @@ from fsspec.core import url_to_fs
 TMP_MARKER = ".tmp-"
 
 
+_CONFIGURED: set[str] = set()
+
+
 def configure_storage(options: dict[str, dict]) -> None:
-    """Default fsspec options per protocol (``{"s3": {"endpoint_url": ...}}``) for this process."""
+    """Default fsspec options per protocol (``{"s3": {"endpoint_url": ...}}``) for this process.
+
+    fsspec's defaults are process-wide: options a previous call set and this one does
+    not name are removed, so one run's credentials never leak into the next.
+    """
     from fsspec.config import conf
 
+    for protocol in _CONFIGURED - set(options):
+        conf.pop(protocol, None)
     for protocol, kwargs in options.items():
-        conf.setdefault(protocol, {}).update(kwargs)
+        conf[protocol] = dict(kwargs)
+    _CONFIGURED.clear()
+    _CONFIGURED.update(options)
 
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -61,9 +72,13 @@ def _expand_one(pattern: str, suffixes: tuple[str, ...]) -> list[str]:
     return [pattern]
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return fs.protocol in ("file", ("file", "local"))
+
+
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Give a path listed by ``fs`` back its protocol, so it can be opened anywhere."""
-    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
 def shard_name(url: str) -> str:
@@ -85,7 +100,9 @@ class OutputDir:
     def __init__(self, url: str):
         self.url = url.rstrip("/") or "/"
         self.fs, self.root = url_to_fs(self.url)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if _is_local(self.fs):
+            self.fs.makedirs(self.root, exist_ok=True)
+        # Object stores have no folders; makedirs would even create a mistyped bucket.
 
     def path(self, name: str) -> str:
         if "/" in name or name in ("", ".", ".."):
@@ -102,7 +119,11 @@ class OutputDir:
 
     def listdir(self) -> list[str]:
         self.fs.invalidate_cache(self.root)  # object stores cache listings; workers write here
-        return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False))
+        try:
+            paths = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:  # an object store has no empty folders: nothing written yet
+            return []
+        return sorted(posixpath.basename(p) for p in paths)
 
     @contextlib.contextmanager
     def atomic_open(self, name: str) -> Iterator[IO[bytes]]:
@@ -123,7 +144,7 @@ class OutputDir:
             f.write(data)
 
     def _rename(self, src: str, dst: str) -> None:
-        if self.fs.protocol in ("file", ("file", "local")):
+        if _is_local(self.fs):
             os.replace(src, dst)  # atomic on POSIX
         else:
             self.fs.mv(src, dst)
