@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from capfilt.io.fs import open_read
+from capfilt.io.fs import open_read, shard_name
 from capfilt.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,33 @@ def read_shard(url: str, options: ReaderOptions | None = None) -> Iterator[Sampl
     samples before it and one error sample for the cut-off key.
     """
     options = options or ReaderOptions()
+    extra = sidecar_metadata(url)
     with open_read(url) as stream:
-        yield from _read_stream(stream, url, options)
+        for sample in _read_stream(stream, url, options):
+            for field_name, value in extra.get(sample.key, {}).items():
+                sample.meta.setdefault(field_name, value)
+            yield sample
+
+
+def sidecar_metadata(url: str) -> dict[str, dict]:
+    """Rows of the ``NAME.parquet`` img2dataset writes beside ``NAME.tar``, by key.
+
+    They fill in fields a sample's json lacks. Absent or unreadable: no extra fields.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    path = posixpath.join(posixpath.dirname(url), shard_name(url) + ".parquet")
+    try:
+        with fsspec.open(path, "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # a broken sidecar must not cost the shard
+        log.warning("%s: ignoring unreadable metadata parquet: %s", path, exc)
+        return {}
+    return {row["key"]: {k: v for k, v in row.items() if v is not None and k != "key"}
+            for row in rows if isinstance(row.get("key"), str)}
 
 
 def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:

@@ -25,8 +25,13 @@ PARQUET_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("url", pa.string()),
     pa.field("image_ext", pa.string()),
+    pa.field("image_bytes", pa.int64()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
+    # img2dataset's per-sample fields, from the input json (or the parquet beside the tar).
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("sha256", pa.string()),
     pa.field("web_text", pa.string()),
     pa.field("web_score", pa.float64()),
     pa.field("web_kept", pa.bool_()),
@@ -38,6 +43,8 @@ PARQUET_SCHEMA = pa.schema([
     pa.field("kept_texts", pa.list_(pa.string())),
     pa.field("kept_origins", pa.list_(pa.string())),
     pa.field("kept_scores", pa.list_(pa.float64())),
+    # The input json as it was, for every other field a downloader wrote.
+    pa.field("input_json", pa.string()),
 ])
 
 
@@ -70,15 +77,19 @@ def parquet_row(sample: Sample) -> dict[str, Any]:
     web_kept = None
     if sample.web_score is not None:
         web_kept = any(origin == "web" for _, origin, _ in sample.kept_texts)
-    url = sample.meta.get("url")
+    meta = sample.meta
     return {
         "key": sample.key,
         "status": sample.status,
         "error": sample.error,
-        "url": url if isinstance(url, str) else None,
+        "url": _typed(meta.get("url"), str),
         "image_ext": sample.image_ext,
+        "image_bytes": len(sample.image) if sample.image is not None else None,
         "width": sample.width,
         "height": sample.height,
+        "original_width": _typed(meta.get("original_width"), int),
+        "original_height": _typed(meta.get("original_height"), int),
+        "sha256": _typed(meta.get("sha256"), str),
         "web_text": sample.web_text,
         "web_score": sample.web_score,
         "web_kept": web_kept,
@@ -90,7 +101,17 @@ def parquet_row(sample: Sample) -> dict[str, Any]:
         "kept_texts": [k[0] for k in sample.kept_texts],
         "kept_origins": [k[1] for k in sample.kept_texts],
         "kept_scores": [k[2] for k in sample.kept_texts],
+        "input_json": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
     }
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` when it has the column's type (web metadata is untrusted), else None."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        if kind is int and not -2**31 <= value < 2**31:
+            return None
+        return value
+    return None
 
 
 class ShardWriter:
