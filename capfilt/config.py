@@ -58,6 +58,38 @@ class ReaderConfig:
 
 
 @dataclass
+class WriterConfig:
+    # per_image: one sample per kept image, all kept texts in its json (the default).
+    # pairs: one sample per kept (image, text) pair, keyed KEY_0, KEY_1, ...: BLIP's next
+    # round trains on web and synthetic texts as separate pairs.
+    layout: Literal["per_image", "pairs"] = "per_image"
+
+
+@dataclass
+class DownloadConfig:
+    """img2dataset's options for ``capfilt download``; names and meanings are img2dataset's."""
+
+    url_list: Union[str, None] = None
+    # auto: from the url_list's extension.
+    input_format: Literal["auto", "txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz",
+                          "json", "json.gz", "jsonl", "jsonl.gz", "parquet"] = "auto"
+    url_col: str = "url"
+    caption_col: Union[str, None] = "caption"
+    save_additional_columns: list[str] = field(default_factory=list)
+    image_size: int = 384
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    processes_count: int = 1
+    thread_count: int = 32
+    number_sample_per_shard: int = 10000
+    timeout: int = 10
+    retries: int = 0
+    min_image_size: int = 0
+
+
+@dataclass
 class RuntimeConfig:
     ray_address: Union[str, None] = None
     num_workers: int = 1
@@ -86,7 +118,9 @@ class Config:
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    writer: WriterConfig = field(default_factory=WriterConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +128,7 @@ class Config:
     def fingerprint(self) -> str:
         """Hash of everything that changes the output (not input, output or runtime placement)."""
         d = self.to_dict()
-        relevant = {k: d[k] for k in ("captioner", "filter", "reader")}
+        relevant = {k: d[k] for k in ("captioner", "filter", "reader", "writer")}
         relevant["seed"] = d["runtime"]["seed"]
         relevant["dtype"] = d["runtime"]["dtype"]
         blob = json.dumps(relevant, sort_keys=True).encode()
@@ -217,6 +251,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_restarts": (-1, float("inf")),
     "max_task_retries": (-1, float("inf")),
     "shard_attempts": (1, float("inf")),
+    "image_size": (1, float("inf")),
+    "encode_quality": (0, 100),
+    "processes_count": (1, float("inf")),
+    "thread_count": (1, float("inf")),
+    "number_sample_per_shard": (1, float("inf")),
+    "timeout": (1, float("inf")),
+    "retries": (0, float("inf")),
 }
 
 

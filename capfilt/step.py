@@ -83,7 +83,7 @@ class CapFiltStep:
         samples = read_shard(task.url, self.reader_options)
         batches = prefetch_batches(samples, self.prepare, rt.batch_size, rt.decode_threads,
                                    rt.prefetch_batches)
-        with ShardWriter(out, task.name, self.config.filter.threshold) as writer:
+        with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout) as writer:
             for index, batch in enumerate(batches):
                 self.process_batch(batch, batch_seed(rt.seed, task.name, index))
                 for sample in batch:

@@ -24,11 +24,37 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="a line per finished shard")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
+    download = sub.add_parser("download", help="URL list -> webdataset shards, with img2dataset")
+    _common(download)
+    download.add_argument("--url-list", help="parquet, csv, tsv, txt or json file (or folder) of URLs")
+    download.add_argument("--output", required=True, help="folder for the shards")
+
+    web = sub.add_parser("web2clean", help="download with img2dataset, then run CapFilt, in one go")
+    _common(web)
+    web.add_argument("--url-list", help="parquet, csv, tsv, txt or json file (or folder) of URLs")
+    web.add_argument("--output", required=True, help="root folder: ROOT/shards and ROOT/clean")
+    web.add_argument("--no-progress", action="store_true", help="no progress bar")
+    web.add_argument("-v", "--verbose", action="store_true", help="a line per finished shard")
+
+    try:  # TEMPORARY until pipelines/reshard.py lands
+        from pipelines import reshard
+
+        reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
+    except ImportError:
+        pass
+
     tiny = sub.add_parser("tiny-models", help="build tiny random BLIP checkpoints for offline tests")
     tiny.add_argument("dir")
     tiny.add_argument("--image-size", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--mode", choices=["incremental", "overwrite"], default="incremental",
+                        help="incremental skips finished shards; overwrite redoes them")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +69,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(args)
-    return 2
+    if args.command == "reshard":
+        from pipelines import reshard
+
+        return reshard.run_from_args(args)
+    return _download(args)
+
+
+def _download(args) -> int:
+    from capfilt.runtime.executor import WorkerStartError
+    from pipelines import download, web_to_clean
+    from pipelines import run as run_pipeline
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.url_list:
+            config.download.url_list = args.url_list
+    except (ConfigError, OSError) as exc:
+        print(f"capfilt: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "download":
+            totals = download.run(config, args.output, mode=args.mode)
+            return 0 if totals["successes"] else 1
+        return web_to_clean.run(config, args.output, mode=args.mode, verbose=args.verbose,
+                                progress=not args.no_progress)
+    except (run_pipeline.RunRefused, WorkerStartError, ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"capfilt: {exc}", file=sys.stderr)
+        return 2
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")

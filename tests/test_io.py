@@ -411,9 +411,9 @@ def shard_samples():
     ]
 
 
-def write_output(folder, samples, shard="00000"):
+def write_output(folder, samples, shard="00000", layout="per_image"):
     out = OutputDir(str(folder))
-    with ShardWriter(out, shard, threshold=0.5) as writer:
+    with ShardWriter(out, shard, threshold=0.5, layout=layout) as writer:
         for sample in samples:
             writer.write(sample)
     writer.finish({"shard": shard, "samples": len(samples)})
@@ -436,6 +436,20 @@ def test_shard_writer_tar_reads_back_with_webdataset(tmp_path):
         assert meta["capfilt"]["text"] == sample.text
     assert records[0]["txt"] == b"web 000"  # best score: the web text at 0.9
     assert records[1]["txt"] == b"caption 0 of 001"
+
+
+def test_pairs_layout_writes_one_sample_per_kept_pair(tmp_path):
+    samples = shard_samples()
+    write_output(tmp_path / "out", samples, layout="pairs")
+    records = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
+    # 000 keeps its web text and caption 1; 001 keeps caption 0; 002 and 003 keep nothing.
+    assert [r["__key__"] for r in records] == ["000_0", "000_1", "001_0"]
+    assert [r["txt"].decode() for r in records] == ["web 000", "caption 1 of 000", "caption 0 of 001"]
+    assert records[0]["jpg"] == records[1]["jpg"] == samples[0].image
+    pair = json.loads(records[1]["json"])["capfilt_pair"]
+    assert pair == {"image_key": "000", "text": "caption 1 of 000", "origin": "synthetic", "score": 0.7}
+    # The parquet still has one row per input image.
+    assert pq.read_table(tmp_path / "out" / "00000.parquet").num_rows == 4
 
 
 def test_shard_writer_parquet_has_a_row_per_sample(tmp_path):

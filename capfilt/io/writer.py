@@ -114,14 +114,22 @@ def _typed(value: Any, kind: type) -> Any:
     return None
 
 
+def pair_samples(sample: Sample, meta: dict[str, Any]):
+    """(key, text, json) of each kept (image, text) pair: ``KEY_0``, ``KEY_1``, ... in kept order."""
+    for index, (text, origin, score) in enumerate(sample.kept_texts):
+        pair_meta = dict(meta)
+        pair_meta["capfilt_pair"] = {"image_key": sample.key, "text": text, "origin": origin, "score": score}
+        yield f"{sample.key}_{index}", text, pair_meta
+
+
 class ShardWriter:
     """Context manager writing ``NAME.tar`` and ``NAME.parquet``; ``finish`` writes the stats.
 
     If the body raises, the temporary files are removed and nothing appears.
     """
 
-    def __init__(self, out: OutputDir, shard: str, threshold: float):
-        self.out, self.shard, self.threshold = out, shard, threshold
+    def __init__(self, out: OutputDir, shard: str, threshold: float, layout: str = "per_image"):
+        self.out, self.shard, self.threshold, self.layout = out, shard, threshold, layout
         self.rows: list[dict[str, Any]] = []
         self._stack = contextlib.ExitStack()
         self._tar = None
@@ -139,10 +147,17 @@ class ShardWriter:
             return
         meta = dict(sample.meta)
         meta["capfilt"] = capfilt_record(sample, self.threshold)
+        if self.layout == "pairs":
+            for key, text, pair_meta in pair_samples(sample, meta):
+                self._write_one(key, sample, text, pair_meta)
+        else:
+            self._write_one(sample.key, sample, sample.text, meta)
+
+    def _write_one(self, key: str, sample: Sample, text: str, meta: dict[str, Any]) -> None:
         self._tar.write({
-            "__key__": sample.key,
+            "__key__": key,
             sample.image_ext: sample.image,
-            "txt": sample.text.encode("utf-8"),
+            "txt": text.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
         })
 
