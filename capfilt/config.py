@@ -90,6 +90,58 @@ class DownloadConfig:
 
 
 @dataclass
+class ScratchConfig:
+    """The shape of a BLIP trained from scratch (``init: null``): tiny by default."""
+
+    patch_size: int = 16
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run. Defaults are BLIP's COCO recipes (caption_coco, retrieval_coco)."""
+
+    train: Union[str, list[str], None] = None  # webdataset shards of clean image-text pairs
+    val: Union[str, list[str], None] = None
+    output: Union[str, None] = None  # save_pretrained folder; checkpoints in OUTPUT/checkpoints
+    # A hub id or local checkpoint to start from; null trains from scratch with `scratch`.
+    # A filter may start from a captioner checkpoint: its vision encoder is reused.
+    init: Union[str, None] = None
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    lr: float = 1e-5
+    epochs: int = 5
+    max_steps: Union[int, None] = None  # stop early after this many optimiser steps
+    batch_size: int = 32
+    image_size: int = 384  # a checkpoint trained at another size is interpolated, as BLIP does
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at lr * min_lr_ratio
+    label_smoothing: float = 0.1  # captioner
+    max_text_tokens: int = 40
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: bool = True  # captions' left/right are swapped with the image
+    temperature: float = 0.07  # filter: ITC's initial learnable temperature
+    itm_weight: float = 1.0  # filter: weight of the ITM loss against ITC
+    # filter: weight of ITM's positive class. BLIP uses 1 (one positive to two negatives);
+    # 2 balances the classes, which gets a small model off the "no match" prior sooner.
+    itm_positive_weight: float = 1.0
+    shuffle_buffer: int = 1000
+    checkpoint_every: int = 200  # steps
+    log_every: int = 20
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Union[int, None] = None  # torch threads on CPU; null: torch's default
+
+
+@dataclass
+class FinetuneConfig:
+    captioner: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
+    filter: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, max_text_tokens=35))
+
+
+@dataclass
 class RuntimeConfig:
     ray_address: Union[str, None] = None
     num_workers: int = 1
@@ -121,6 +173,7 @@ class Config:
     writer: WriterConfig = field(default_factory=WriterConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,8 +224,9 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and value."""
+def build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a mapping on top of ``base`` (its defaults), checking
+    every key and value. A nested section keeps the defaults its parent gives it."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -181,10 +235,14 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key {prefix + str(key)!r} (known here: {known})")
+    base = cls() if base is None else base
     values = {}
     for key, value in raw.items():
-        values[key] = _check(hints[key], value, prefix + key)
-    obj = cls(**values)
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = build(hints[key], value, prefix + key + ".", getattr(base, key))
+        else:
+            values[key] = _check(hints[key], value, prefix + key)
+    obj = dataclasses.replace(base, **values)
     _validate_ranges(obj, prefix)
     return obj
 
@@ -222,6 +280,11 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
@@ -258,6 +321,22 @@ _RANGES: dict[str, tuple[float, float]] = {
     "number_sample_per_shard": (1, float("inf")),
     "timeout": (1, float("inf")),
     "retries": (0, float("inf")),
+    "lr": (0.0, 1.0),
+    "epochs": (1, float("inf")),
+    "max_steps": (1, float("inf")),
+    "weight_decay": (0.0, 1.0),
+    "warmup_steps": (0, float("inf")),
+    "min_lr_ratio": (0.0, 1.0),
+    "label_smoothing": (0.0, 1.0),
+    "itm_weight": (0.0, float("inf")),
+    "itm_positive_weight": (0.0, float("inf")),
+    "shuffle_buffer": (1, float("inf")),
+    "checkpoint_every": (1, float("inf")),
+    "log_every": (1, float("inf")),
+    "patch_size": (1, float("inf")),
+    "hidden": (8, float("inf")),
+    "layers": (1, float("inf")),
+    "heads": (1, float("inf")),
 }
 
 

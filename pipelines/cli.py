@@ -36,12 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     web.add_argument("--no-progress", action="store_true", help="no progress bar")
     web.add_argument("-v", "--verbose", action="store_true", help="a line per finished shard")
 
-    try:  # TEMPORARY until pipelines/reshard.py lands
-        from pipelines import reshard
+    finetune = sub.add_parser("finetune", help="fine-tune a BLIP captioner or filter on clean pairs")
+    finetune.add_argument("kind", choices=["captioner", "filter"])
+    finetune.add_argument("--config", help="YAML config (its finetune.<kind> section)")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    finetune.add_argument("-v", "--verbose", action="store_true", help="log the loss")
+    finetune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
-        reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
-    except ImportError:
-        pass
+    from pipelines import reshard
+
+    reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
 
     tiny = sub.add_parser("tiny-models", help="build tiny random BLIP checkpoints for offline tests")
     tiny.add_argument("dir")
@@ -58,7 +62,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE overrides may come anywhere (argparse stops taking positionals after an
+    # option that follows the first positional): collect the ones it leaves over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not (hasattr(args, "overrides") and OVERRIDE.match(a))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "tiny-models":
@@ -69,11 +81,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(args)
+    if args.command == "finetune":
+        return _finetune(args)
     if args.command == "reshard":
         from pipelines import reshard
 
         return reshard.run_from_args(args)
     return _download(args)
+
+
+def _finetune(args) -> int:
+    from pipelines import finetune
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, OSError) as exc:
+        print(f"capfilt: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        finetune.run(config, args.kind, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"capfilt: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _download(args) -> int:

@@ -1,0 +1,271 @@
+"""The fine-tuning loop: AdamW + cosine schedule, periodic checkpoints, resume, metrics per epoch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from capfilt.config import TrainConfig
+from capfilt.io.fs import expand_input
+from capfilt.models.loading import load_image_processor, resolve_device
+from capfilt.training.data import ImageTransform, batches, count_pairs, iter_pairs, shuffled_pairs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def vocabulary(urls: list[str]) -> list[str]:
+    """The words of the training texts, for a tokenizer built from scratch."""
+    words: set[str] = set()
+    for pair in iter_pairs(urls):
+        words.update(re.findall(r"[a-z0-9]+", pair.text.lower()))
+    return sorted(words)
+
+
+def build_model(model_cls, cfg: TrainConfig, train_urls: list[str]):
+    """(model, tokenizer, mean, std): from ``cfg.init``, or from scratch with ``cfg.scratch``."""
+    from transformers import AutoTokenizer
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    if cfg.init:
+        from transformers.utils import logging as hf_logging
+
+        # A filter started from a captioner checkpoint reuses its vision encoder; the rest
+        # is new, which transformers reports as a long table of missing keys.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = model_cls.from_pretrained(cfg.init, use_safetensors=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        _share_captioner_text_weights(model, cfg.init)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init)
+        processor = load_image_processor(BlipImageProcessorPil, cfg.init, model.config, {})
+        return model, tokenizer, processor.image_mean, processor.image_std
+    from capfilt.models.tiny import build_tokenizer, tiny_config
+
+    tokenizer = build_tokenizer(vocabulary(train_urls))
+    shape = cfg.scratch
+    config = tiny_config(tokenizer, image_size=cfg.image_size, patch_size=shape.patch_size,
+                         hidden=shape.hidden, layers=shape.layers, heads=shape.heads)
+    torch.manual_seed(cfg.seed)
+    return model_cls(config), tokenizer, CLIP_MEAN, CLIP_STD
+
+
+def _share_captioner_text_weights(model, init: str) -> None:
+    """A filter started from a captioner: its text encoder starts from the captioner's decoder.
+
+    In BLIP the encoder and decoder share embeddings, cross-attention and feed-forward
+    layers, and both come from one pretrained model; starting here keeps the word and
+    image grounding the captioner learned. A no-op for any other checkpoint.
+    """
+    from safetensors import safe_open
+
+    if not hasattr(model, "text_encoder"):
+        return
+    path = os.path.join(init, "model.safetensors")
+    if not os.path.exists(path):
+        return
+    prefix = "text_decoder.bert."
+    own = model.text_encoder.state_dict()
+    shared = {}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name in own and list(own[name].shape) == f.get_slice(key).get_shape():
+                shared[name] = f.get_tensor(key)
+    if shared:
+        model.text_encoder.load_state_dict(shared, strict=False)
+        log.info("text encoder: %d tensors from the captioner's decoder in %s", len(shared), init)
+
+
+def cosine_schedule(total: int, warmup: int, floor: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class Trainer:
+    def __init__(self, task, cfg: TrainConfig, tokenizer, mean, std, device: str):
+        self.task, self.cfg, self.tokenizer, self.device = task, cfg, tokenizer, device
+        self.train_urls = expand_input(cfg.train)
+        self.val_urls = expand_input(cfg.val) if cfg.val else []
+        self.transform = ImageTransform(cfg.image_size, mean, std, cfg.crop_scale, cfg.hflip)
+        self.eval_transform = ImageTransform(cfg.image_size, mean, std)
+        self.mean, self.std = mean, std
+        self.steps_per_epoch = max(1, count_pairs(self.train_urls) // cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        params = list(task.model.parameters()) + list(task.extra_parameters.values())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "history": []}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.cfg.output, CHECKPOINTS)
+
+    def save_checkpoint(self) -> str:
+        name = f"step_{self.state['step']:08d}"
+        final = os.path.join(self.checkpoint_dir, name)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.task.model.save_pretrained(tmp, safe_serialization=True)
+        torch.save({
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "extra": {k: v.detach().cpu() for k, v in self.task.extra_parameters.items()},
+            "state": self.state,
+        }, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest = os.path.join(self.checkpoint_dir, "latest")
+        with open(latest + ".tmp", "w") as f:
+            f.write(name)
+        os.replace(latest + ".tmp", latest)
+        for old in sorted(d for d in os.listdir(self.checkpoint_dir) if d.startswith("step_"))[:-2]:
+            shutil.rmtree(os.path.join(self.checkpoint_dir, old), ignore_errors=True)
+        return final
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of ``cfg.output`` if there is one."""
+        latest = os.path.join(self.checkpoint_dir, "latest")
+        if not os.path.exists(latest):
+            return False
+        path = os.path.join(self.checkpoint_dir, open(latest).read().strip())
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        self.task.model.load_state_dict(weights, strict=False)
+        saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for key, value in saved["extra"].items():
+            self.task.extra_parameters[key].data.copy_(value)
+        self.state = saved["state"]
+        log.info("resumed %s from %s (step %d)", self.task.name, path, self.state["step"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self, progress: bool = True) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        self.task.model.to(self.device).train()
+        for p in self.task.extra_parameters.values():
+            p.data = p.data.to(self.device)
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], unit="step",
+                   desc=f"finetune {self.task.name}", disable=not progress, dynamic_ncols=True)
+        try:
+            while self.state["epoch"] < self.cfg.epochs and self.state["step"] < self.total_steps:
+                self._epoch(bar)
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        return self.state
+
+    def _epoch(self, bar) -> None:
+        cfg, state = self.cfg, self.state
+        epoch = state["epoch"]
+        pairs = shuffled_pairs(self.train_urls, cfg.seed, epoch, cfg.shuffle_buffer)
+        for pixels, texts in batches(pairs, self.transform, cfg.batch_size, f"{cfg.seed}/{epoch}",
+                                     skip=state["step_in_epoch"]):
+            if state["step"] >= self.total_steps:
+                break
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"])
+            loss, logs = self.task.loss(torch.from_numpy(pixels).to(self.device), texts, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()}, refresh=False)
+            if state["step"] % cfg.log_every == 0:
+                log.info("%s step %d: %s", self.task.name, state["step"], logs)
+            if state["step"] % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        metrics = self.evaluate() if state["step_in_epoch"] else {}
+        state["history"].append({"epoch": epoch, "step": state["step"], **metrics})
+        if metrics:
+            bar.write(f"{self.task.name} epoch {epoch}: " +
+                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        self.save_checkpoint()
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.val_urls:
+            return {}
+        self.task.model.eval()
+        try:
+            val = ((torch.from_numpy(p).to(self.device), t) for p, t in
+                   batches(iter_pairs(self.val_urls), self.eval_transform, self.cfg.batch_size, None))
+            return self.task.evaluate(val)
+        finally:
+            self.task.model.train()
+
+    def save(self) -> str:
+        """The fine-tuned checkpoint, as ``capfilt run`` loads it."""
+        from capfilt.models.tiny import save_checkpoint
+
+        self.task.model.eval()
+        path = save_checkpoint(self.task.model, self.tokenizer, self.cfg.image_size, self.cfg.output)
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+        size = self.cfg.image_size
+        BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(self.mean),
+                              image_std=list(self.std)).save_pretrained(path)
+        with open(os.path.join(path, "training.json"), "w") as f:
+            json.dump({"config": _asdict(self.cfg), "history": self.state["history"]}, f, indent=2)
+        return path
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progress: bool = True) -> str:
+    """Fine-tune (or train from scratch) a captioner or a filter; return the saved folder."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from transformers.utils import logging as hf_logging
+
+    from capfilt.training.tasks import CaptionerTask, FilterTask
+
+    if not cfg.train or not cfg.output:
+        raise ValueError(f"finetune.{kind}: 'train' and 'output' are required")
+    hf_logging.disable_progress_bar()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model_cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
+    model, tokenizer, mean, std = build_model(model_cls, cfg, expand_input(cfg.train))
+    if model.config.vision_config.image_size != cfg.image_size:
+        raise ValueError(f"finetune.{kind}.image_size is {cfg.image_size} but {cfg.init} was trained at "
+                         f"{model.config.vision_config.image_size}; set image_size to that")
+    interpolate = False
+    task = (CaptionerTask(model, tokenizer, cfg, prompt, interpolate) if kind == "captioner"
+            else FilterTask(model, tokenizer, cfg, interpolate))
+    trainer = Trainer(task, cfg, tokenizer, mean, std, device)
+    trainer.resume()
+    trainer.fit(progress=progress)
+    return trainer.save()
