@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from capfilt.io.fs import OutputDir, expand_input, open_read
 from capfilt.io.reader import split_key, unsafe_name
-from capfilt.io.writer import PARQUET_SCHEMA, capfilt_record, parquet_name, stats_name, tar_name
+from capfilt.io.writer import PARQUET_SCHEMA, TIMING, capfilt_record, parquet_name, stats_name, tar_name
 from capfilt.sample import KEPT, Sample
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "reshard_plan.json"
 PLAN_VERSION = 1
 STATS_SUFFIX = "_stats.json"
-TIMING = "timing"  # the part of a capfilt stats file that varies between runs
 OUTPUT_SCHEMA = PARQUET_SCHEMA.append(pa.field("source_shard", pa.string(), nullable=False))
 TAR_BLOCK = 512
 # The threshold is in each kept json but not in the parquet; its digits barely move the estimate.
@@ -271,7 +270,7 @@ def _remove_output_shards(out: OutputDir) -> None:
     """Done markers first, so that a crash half-way never leaves a stale shard marked done."""
     names = [n for n in out.listdir() if OUTPUT_FILE.match(n)]
     for name in sorted(names, key=lambda n: not n.endswith(STATS_SUFFIX)):
-        out.fs.rm(out.path(name))
+        out.remove(name)
     if names:
         log.info("%s: removed %d files of an earlier reshard", out.url, len(names))
 

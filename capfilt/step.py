@@ -20,7 +20,7 @@ from capfilt.decision import decide
 from capfilt.io.fs import OutputDir, configure_storage
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import ReaderOptions, read_shard
-from capfilt.io.writer import ShardWriter
+from capfilt.io.writer import TIMING, ShardWriter
 from capfilt.models.captioner import Captioner, batch_seed
 from capfilt.models.itm_filter import ITMFilter
 from capfilt.models.loading import resolve_device, torch_dtype
@@ -31,8 +31,6 @@ from capfilt.sample import DROPPED, ERROR, KEPT, Sample
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, int]], None]
-# The part of a stats file that differs between runs of the same input and config.
-TIMING = "timing"
 
 
 class CapFiltStep:
@@ -92,6 +90,7 @@ class CapFiltStep:
                 if report:
                     report(dict(counts))
         stats = _shard_stats(task, counts, start, time.time())
+        stats["tar_samples"] = writer.written
         writer.finish(stats)
         return stats
 

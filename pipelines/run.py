@@ -16,11 +16,14 @@ from capfilt.io.fs import OutputDir, configure_storage, expand_input
 from capfilt.runtime.executor import RayExecutor, ShardResult
 from capfilt.runtime.progress import SampleBar, estimate_samples
 from capfilt.runtime.shards import done_marker, plan_shards, split_done
-from capfilt.step import TIMING, CapFiltStep
+from capfilt.io.writer import TIMING
+from capfilt.step import CapFiltStep
 
 log = logging.getLogger("capfilt")
 
 RUN_FILE, STATS_FILE = "run.json", "stats.json"
+# webdataset's and open_clip's convention: samples per tar, so loaders know the epoch size.
+SIZES_FILE = "sizes.json"
 PACKAGES = ("capfilt", "torch", "transformers", "ray", "webdataset", "pyarrow", "fsspec", "pillow")
 
 
@@ -72,11 +75,13 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
     if executor.worker_infos:
         record["models_resolved"] = executor.worker_infos[0].details
         out.write_bytes(RUN_FILE, _json(record))
-    stats = _aggregate(out, tasks, this_run)
+    done_stats = _read_done_stats(out, tasks)
+    stats = _aggregate(done_stats, tasks, this_run)
     stats[TIMING].update(seconds=round(time.time() - start, 3), shards_skipped=len(done))
     seconds = stats[TIMING]["seconds"]
     stats[TIMING]["images_per_s"] = round(this_run.samples / seconds, 3) if seconds > 0 else None
     out.write_bytes(STATS_FILE, _json(stats))
+    out.write_bytes(SIZES_FILE, _json(_sizes(done_stats)))
     print_summary(stats)
     return 1 if this_run.failed else 0
 
@@ -165,18 +170,22 @@ def _redact(options: Any) -> Any:
 SUM_KEYS = ("samples", "kept", "dropped", "error", "web_texts", "web_kept", "captions", "captions_kept")
 
 
-def _aggregate(out: OutputDir, tasks, this_run: RunTally) -> dict[str, Any]:
-    """Totals over every done shard of the input, read back from their stats files."""
-    totals = dict.fromkeys(SUM_KEYS, 0)
+def _read_done_stats(out: OutputDir, tasks) -> dict[str, dict[str, Any]]:
+    """The stats file of every done shard of the input, by shard name."""
     present = set(out.listdir())
-    done = [t for t in tasks if done_marker(t.name) in present]
-    for task in done:
-        shard = json.loads(out.read_text(done_marker(task.name)))
+    return {t.name: json.loads(out.read_text(done_marker(t.name)))
+            for t in tasks if done_marker(t.name) in present}
+
+
+def _aggregate(done_stats: dict[str, dict], tasks, this_run: RunTally) -> dict[str, Any]:
+    """Totals over every done shard of the input."""
+    totals = dict.fromkeys(SUM_KEYS, 0)
+    for shard in done_stats.values():
         for key in SUM_KEYS:
             totals[key] += shard.get(key, 0)
     return {
         "shards": len(tasks),
-        "shards_done": len(done),
+        "shards_done": len(done_stats),
         "shards_failed": len(this_run.failed),
         "failed": [{"shard": r.task.name, "input": r.task.url, "attempts": r.attempts,
                     "error": r.error} for r in this_run.failed],
@@ -189,6 +198,10 @@ def _aggregate(out: OutputDir, tasks, this_run: RunTally) -> dict[str, Any]:
             "worker_peak_rss_mb": this_run.peak_rss_mb,
         },
     }
+
+
+def _sizes(done_stats: dict[str, dict]) -> dict[str, int]:
+    return {f"{name}.tar": shard.get("tar_samples", shard.get("kept", 0)) for name, shard in done_stats.items()}
 
 
 def _pct(part: int, whole: int) -> float | None:

@@ -95,6 +95,10 @@ def test_run_succeeds_and_writes_every_output_file(first_run):
         assert {f"{shard}.tar", f"{shard}.parquet", f"{shard}_stats.json"} <= names
     assert {"run.json", "stats.json"} <= names
     assert not [n for n in names if ".tmp-" in n]
+    sizes = json.loads((first_run["out"] / "sizes.json").read_text())
+    for shard in ("00000", "00001", "00002"):
+        with tarfile.open(first_run["out"] / f"{shard}.tar") as tar:
+            assert sizes[f"{shard}.tar"] == len({m.name.split(".")[0] for m in tar.getmembers()})
     run = json.loads((first_run["out"] / "run.json").read_text())
     assert run["config"]["filter"]["threshold"] == first_run["threshold"]
     assert run["versions"]["transformers"] and run["models_resolved"]["filter"]["resolved"].startswith("sha256:")

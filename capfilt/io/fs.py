@@ -149,10 +149,13 @@ class OutputDir:
         else:
             self.fs.mv(src, dst)
 
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(name))
+
     def remove_temporaries(self) -> list[str]:
         """Delete temporary files a killed run left behind; returns their names."""
         stale = [n for n in self.listdir() if n.startswith(".") and TMP_MARKER in n]
         for name in stale:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path(name))
+            self.remove(name)
         return stale

@@ -16,6 +16,9 @@ import pyarrow.parquet as pq
 from capfilt.io.fs import OutputDir
 from capfilt.sample import KEPT, Sample
 
+# The part of a stats file that differs between runs of the same input and config.
+TIMING = "timing"
+
 # Fixed so that identical inputs give byte-identical tars.
 TAR_MTIME = 0
 
@@ -131,6 +134,7 @@ class ShardWriter:
     def __init__(self, out: OutputDir, shard: str, threshold: float, layout: str = "per_image"):
         self.out, self.shard, self.threshold, self.layout = out, shard, threshold, layout
         self.rows: list[dict[str, Any]] = []
+        self.written = 0  # samples in the tar: kept images, or kept pairs in the pairs layout
         self._stack = contextlib.ExitStack()
         self._tar = None
 
@@ -154,6 +158,7 @@ class ShardWriter:
             self._write_one(sample.key, sample, sample.text, meta)
 
     def _write_one(self, key: str, sample: Sample, text: str, meta: dict[str, Any]) -> None:
+        self.written += 1
         self._tar.write({
             "__key__": key,
             sample.image_ext: sample.image,
