@@ -16,7 +16,7 @@ LOOPBACK_ENV := env -u RAY_ADDRESS \
 	HF_HUB_OFFLINE=1 \
 	NO_ALBUMENTATIONS_UPDATE=1
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -34,5 +34,10 @@ test: install
 demo: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.demo --output demo_output
 
+# BLIP-base shape by default; `make bench BENCH_ARGS="--shape small --images 32"` is quicker.
+BENCH_ARGS ?= --shape base --images 16
+bench: install
+	$(LOOPBACK_ENV) $(PY) -m pipelines.bench --output bench_output $(BENCH_ARGS)
+
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output bench_output .pytest_cache

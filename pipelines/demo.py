@@ -75,12 +75,36 @@ def train_args(kind: str, root: str, steps: int, extra: list[str]) -> list[str]:
             f"{base}.scratch.hidden=128", f"{base}.scratch.layers=2", *extra]
 
 
+def calibrate(filter_path: str, val_dir: str):
+    """The threshold with the best balanced accuracy on held-out clean pairs: each image with
+    its own caption (a match) and with another image's caption (not a match). It uses no web
+    data and no knowledge of how the web texts were corrupted."""
+    import glob
+    import io
+
+    from PIL import Image
+
+    from capfilt.calibrate import curve, score_pairs, suggest
+    from capfilt.config import FilterConfig
+    from capfilt.models.itm_filter import ITMFilter
+    from capfilt.training.data import iter_pairs
+
+    pairs = list(iter_pairs(sorted(glob.glob(os.path.join(val_dir, "*.tar")))))
+    images = [Image.open(io.BytesIO(p.image)).convert("RGB") for p in pairs]
+    others = [pairs[(i + 1) % len(pairs)].text for i in range(len(pairs))]
+    keep = [i for i, p in enumerate(pairs) if others[i] != p.text]
+    itm = ITMFilter(FilterConfig(model=filter_path), "cpu", "float32")
+    scores = score_pairs(itm, images + [images[i] for i in keep], [p.text for p in pairs] + [others[i] for i in keep])
+    labels = [True] * len(pairs) + [False] * len(keep)
+    return suggest(curve(scores, labels), "balanced_accuracy")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output")
     parser.add_argument("--train", type=int, default=4000, help="clean training pairs")
     parser.add_argument("--web", type=int, default=400, help="web samples to clean")
-    parser.add_argument("--captioner-steps", type=int, default=600)
+    parser.add_argument("--captioner-steps", type=int, default=1400)
     parser.add_argument("--filter-steps", type=int, default=1800)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -103,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         rc = capfilt(["finetune", kind, "--config", config, *train_args(kind, root, steps[kind], extra[kind])])
         if rc:
             return rc
+    point = calibrate(f"{root}/models/filter", f"{root}/clean/val")
+    print(f"demo: threshold {point.threshold:.2f} from the clean validation split (best balanced "
+          f"accuracy {point.balanced_accuracy:.3f}; BLIP's 0.5 is for its COCO filter)")
     rc = capfilt(["run", "--config", config, "--input", f"{root}/web", "--output", f"{root}/clean_web",
-                  f"captioner.model={root}/models/captioner", f"filter.model={root}/models/filter"])
-    metrics = evaluate(f"{root}/web", f"{root}/clean_web")
+                  f"captioner.model={root}/models/captioner", f"filter.model={root}/models/filter",
+                  f"filter.threshold={point.threshold}"])
+    metrics = evaluate(f"{root}/web", f"{root}/clean_web", point.threshold)
+    metrics["calibration"] = {"threshold": point.threshold, "precision": point.precision,
+                              "recall": point.recall, "specificity": point.specificity,
+                              "source": "clean validation split: true captions vs other images' captions"}
     metrics["seconds"] = round(time.time() - start, 1)
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -46,9 +46,9 @@ def flag_metrics(rows: list[dict], flagged) -> dict[str, float]:
     return result
 
 
-def evaluate(web_dir: str, out_dir: str) -> dict[str, Any]:
+def evaluate(web_dir: str, out_dir: str, threshold: float = 0.5) -> dict[str, Any]:
     rows = [r for r in load_rows(out_dir) if r["status"] != "error"]
-    metrics: dict[str, Any] = {"web_samples": len(rows),
+    metrics: dict[str, Any] = {"threshold": threshold, "web_samples": len(rows),
                                "kinds": {k: sum(r["kind"] == k for r in rows) for k in (*KINDS, "clean")}}
     metrics.update(flag_metrics(rows, lambda r: not r["web_kept"]))
     synthetic = [(t, r["scene"]) for r in rows
@@ -65,7 +65,7 @@ def evaluate(web_dir: str, out_dir: str) -> dict[str, Any]:
     metrics["corrupted_rescued_by_true_caption"] = len(rescued) / max(1, len(corrupted))
     metrics["by_threshold"] = {
         str(t): flag_metrics(rows, lambda r, t=t: r["web_score"] is None or r["web_score"] < t)
-        for t in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+        for t in sorted({0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, threshold})
     }
     metrics["targets"] = {name: {"target": goal, "value": metrics[name],
                                  "met": metrics[name] <= goal if name == "clean_wrongly_dropped"
@@ -75,7 +75,7 @@ def evaluate(web_dir: str, out_dir: str) -> dict[str, Any]:
 
 
 def print_table(m: dict[str, Any]) -> None:
-    print("\ncapfilt demo: the filter against the ground truth (threshold 0.5)")
+    print(f"\ncapfilt demo: the filter against the ground truth (threshold {m['threshold']:.2f})")
     print(f"  {'web text corrupted by':<24}{'count':>7}{'precision':>11}{'recall':>9}")
     for kind in KINDS:
         print(f"  {kind:<24}{m['kinds'][kind]:>7}{m[kind + '_precision']:>11.3f}{m[kind + '_recall']:>9.3f}")
@@ -86,5 +86,8 @@ def print_table(m: dict[str, Any]) -> None:
           f"{m['corrupted_rescued_by_true_caption']:.3f}")
     print("  targets: " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'} ({v['value']:.3f} vs {v['target']})"
                                     for k, v in m["targets"].items()))
+    at_half = m["by_threshold"]["0.5"]
+    print(f"  at BLIP's 0.5 instead: clean dropped {at_half['clean_wrongly_dropped']:.3f}; " + ", ".join(
+        f"{k} P {at_half[k + '_precision']:.3f} R {at_half[k + '_recall']:.3f}" for k in KINDS))
     if "seconds" in m:
         print(f"  total time: {m['seconds']:.0f} s")

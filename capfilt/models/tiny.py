@@ -44,18 +44,20 @@ def build_tokenizer(words: list[str] | None = None):
 
 
 def tiny_config(tokenizer, image_size: int = 64, patch_size: int = 16, hidden: int = 64,
-                layers: int = 2, heads: int = 2):
+                layers: int = 2, heads: int = 2, intermediate: int | None = None):
+    """A BLIP config of the given shape (BLIP-base: 384, 16, 768, 12, 12, 3072)."""
     from transformers import BlipConfig
 
+    intermediate = intermediate or hidden * 2
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, encoder_hidden_size=hidden,
-        intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
         sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = dict(
-        hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
     )
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden,

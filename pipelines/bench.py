@@ -1,0 +1,245 @@
+"""``make bench``: capfilt against the naive transformers loop, on the same models and shards.
+
+    python -m pipelines.bench --shape base --images 16      # BLIP-base: ViT-B/16 at 384, BERT-base
+    python -m pipelines.bench --shape small --images 32     # a few minutes on 2 CPU cores
+
+Models are BLIP-shaped with random weights (no hub offline). In one run it measures:
+1. naive: ``BlipForConditionalGeneration.generate(do_sample=True, num_return_sequences=N)`` per
+   batch, then ``BlipForImageTextRetrieval(...)`` on every (image, text) pair, as a user would write;
+2. model-only: capfilt's own model calls (``CapFiltStep.process_batch``) on pre-decoded tensors;
+3. end to end: ``capfilt run`` from tar to tar through Ray.
+It prints images/s and the ratios, for each dtype, and writes them to OUTPUT/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import sys
+import time
+from typing import Any
+
+SHAPES = {
+    # image, patch, hidden, layers, heads, intermediate
+    "base": dict(image_size=384, patch_size=16, hidden=768, layers=12, heads=12, intermediate=3072),
+    "small": dict(image_size=224, patch_size=16, hidden=256, layers=4, heads=4, intermediate=1024),
+}
+VOCAB = 30524  # BERT's, as BLIP's
+
+
+def build_models(folder: str, shape: str) -> tuple[str, str]:
+    import torch
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.models.tiny import DEFAULT_WORDS, build_tokenizer, save_checkpoint, tiny_config
+
+    paths = (os.path.join(folder, "captioner"), os.path.join(folder, "filter"))
+    if all(os.path.exists(os.path.join(p, "model.safetensors")) for p in paths):
+        return paths
+    base = build_tokenizer(DEFAULT_WORDS)
+    filler = [f"w{i}" for i in range(VOCAB - len(base))]
+    tokenizer = build_tokenizer(list(DEFAULT_WORDS) + filler)
+    config = tiny_config(tokenizer, **SHAPES[shape])
+    torch.manual_seed(0)
+    size = SHAPES[shape]["image_size"]
+    save_checkpoint(BlipForConditionalGeneration(config), tokenizer, size, paths[0])
+    save_checkpoint(BlipForImageTextRetrieval(config), tokenizer, size, paths[1])
+    return paths
+
+
+def write_shards(folder: str, images: int, shards: int) -> list[str]:
+    import webdataset as wds
+    from PIL import Image, ImageDraw
+
+    from capfilt.models.tiny import DEFAULT_WORDS
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(0)
+    per = -(-images // shards)
+    paths = []
+    for s in range(shards):
+        path = os.path.join(folder, f"{s:05d}.tar")
+        with wds.TarWriter(path, encoder=False) as tar:
+            for i in range(s * per, min(images, (s + 1) * per)):
+                img = Image.new("RGB", (480, 360), tuple(rng.randrange(256) for _ in range(3)))
+                draw = ImageDraw.Draw(img)
+                for _ in range(5):
+                    x, y = rng.randrange(400), rng.randrange(300)
+                    draw.ellipse((x, y, x + 80, y + 60), fill=tuple(rng.randrange(256) for _ in range(3)))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                text = " ".join(rng.choice(DEFAULT_WORDS) for _ in range(rng.randint(4, 12)))
+                tar.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": text.encode(),
+                           "json": json.dumps({"url": f"http://127.0.0.1/{i}.jpg"}).encode()})
+        paths.append(path)
+    return paths
+
+
+def load_samples(paths: list[str]):
+    from capfilt.io.reader import read_shard
+
+    return [s for p in paths for s in read_shard(p)]
+
+
+def naive(cap_path: str, itm_path: str, samples, batch: int, n: int) -> dict[str, Any]:
+    """What a user writes with plain transformers: per-pair ITM re-encodes the image every time."""
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    captioner = BlipForConditionalGeneration.from_pretrained(cap_path).eval()
+    itm = BlipForImageTextRetrieval.from_pretrained(itm_path).eval()
+    processor = BlipImageProcessorPil.from_pretrained(cap_path)
+    tokenizer = AutoTokenizer.from_pretrained(cap_path)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            chunk = samples[i:i + batch]
+            images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in chunk]
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            prompt = tokenizer(["a picture of "] * len(chunk), return_tensors="pt")
+            out = captioner.generate(pixel_values=pixels, input_ids=prompt.input_ids,
+                                     attention_mask=prompt.attention_mask, do_sample=True, top_p=0.9,
+                                     max_length=20, min_length=5, repetition_penalty=1.1,
+                                     num_return_sequences=n)
+            captions = tokenizer.batch_decode(out, skip_special_tokens=True)
+            for j, sample in enumerate(chunk):
+                for text in [sample.web_text] + captions[j * n:(j + 1) * n]:
+                    tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt")
+                    logits = itm(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                 pixel_values=pixels[j:j + 1]).itm_score
+                    torch.softmax(logits, dim=-1)[0, 1].item()
+    seconds = time.perf_counter() - start
+    return {"images": len(samples), "seconds": round(seconds, 2), "images_per_s": len(samples) / seconds}
+
+
+def model_only(config, samples, batch: int) -> tuple[dict[str, Any], list]:
+    """capfilt's model calls on pre-decoded, preprocessed tensors: no I/O, no Ray."""
+    from capfilt.models.captioner import batch_seed
+    from capfilt.step import CapFiltStep
+
+    step = CapFiltStep(config)
+    prepared = [step.prepare(s) for s in samples]
+    start = time.perf_counter()
+    for index in range(0, len(prepared), batch):
+        chunk = prepared[index:index + batch]
+        keep = [dict(s.pixels) for s in chunk]
+        step.process_batch(chunk, batch_seed(0, "bench", index))
+        for s, pixels in zip(chunk, keep):
+            s.pixels = pixels
+    seconds = time.perf_counter() - start
+    return {"images": len(samples), "seconds": round(seconds, 2),
+            "images_per_s": len(samples) / seconds}, prepared
+
+
+def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, Any]:
+    from pipelines.cli import main
+
+    out = os.path.join(args.output, f"e2e_{dtype}")
+    start = time.perf_counter()
+    rc = main(["run", "--config", "configs/blip_base.yaml", "--input", inputs, "--output", out,
+               "--mode", "overwrite", "--no-progress", f"captioner.model={cap}", f"filter.model={itm}",
+               f"captioner.num_captions={args.num_captions}", f"runtime.batch_size={args.batch_size}",
+               f"runtime.dtype={dtype}", "runtime.device=cpu", "runtime.num_workers=1",
+               f"runtime.cpus_per_worker={args.threads}"])
+    wall = time.perf_counter() - start
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    shards = [json.load(open(os.path.join(out, n))) for n in sorted(os.listdir(out)) if n.endswith("_stats.json")]
+    first = min(s["timing"]["started_at"] for s in shards)
+    last = max(s["timing"]["finished_at"] for s in shards)
+    images = stats["samples"]
+    return {"rc": rc, "images": images, "wall_seconds": round(wall, 2),
+            "images_per_s_wall": images / wall,
+            "steady_seconds": round(last - first, 2), "images_per_s": images / (last - first),
+            "worker_peak_rss_mb": stats["timing"]["worker_peak_rss_mb"], "output": out}
+
+
+def agreement(out_a: str, out_b: str, threshold: float) -> dict[str, Any]:
+    """How far bf16 moves web-text scores and decisions from float32 (the same texts)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    def scores(folder):
+        rows = [r for p in sorted(glob.glob(os.path.join(folder, "*.parquet"))) for r in pq.read_table(p).to_pylist()]
+        return {r["key"]: r["web_score"] for r in rows if r["web_score"] is not None}
+
+    a, b = scores(out_a), scores(out_b)
+    diffs = [abs(a[k] - b[k]) for k in a]
+    same = [(a[k] >= threshold) == (b[k] >= threshold) for k in a]
+    return {"texts": len(diffs), "max_abs_score_diff": max(diffs), "mean_abs_score_diff": sum(diffs) / len(diffs),
+            "decision_agreement": sum(same) / len(same)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="base")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--num-captions", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--output", default="bench_output")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from capfilt.config import load_config
+
+    torch.set_num_threads(args.threads)
+    cap, itm = build_models(os.path.join(args.output, f"models_{args.shape}"), args.shape)
+    paths = write_shards(os.path.join(args.output, "shards"), args.images, args.shards)
+    samples = load_samples(paths)
+    result: dict[str, Any] = {"shape": args.shape, "images": args.images, "num_captions": args.num_captions,
+                              "batch_size": args.batch_size, "threads": args.threads,
+                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+    if not args.skip_naive:
+        result["naive_float32"] = naive(cap, itm, samples, args.batch_size, args.num_captions)
+        print("naive float32:", result["naive_float32"], flush=True)
+    for dtype in args.dtypes.split(","):
+        config = load_config("configs/blip_base.yaml", [
+            f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={args.num_captions}",
+            f"runtime.dtype={dtype}", "runtime.device=cpu"])
+        result[f"model_only_{dtype}"], _ = model_only(config, samples, args.batch_size)
+        print(f"model-only {dtype}:", result[f"model_only_{dtype}"], flush=True)
+        result[f"end_to_end_{dtype}"] = end_to_end(args, cap, itm, os.path.join(args.output, "shards"), dtype)
+        print(f"end to end {dtype}:", result[f"end_to_end_{dtype}"], flush=True)
+    report(result, args)
+    with open(os.path.join(args.output, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+def report(result: dict[str, Any], args) -> None:
+    naive_rate = result.get("naive_float32", {}).get("images_per_s")
+    print(f"\ncapfilt bench: {result['shape']} shape, {result['images']} images, N={result['num_captions']}, "
+          f"batch {result['batch_size']}, {result['machine']}")
+    if naive_rate:
+        print(f"  naive float32            {naive_rate:8.3f} images/s")
+    ratios = {}
+    for dtype in args.dtypes.split(","):
+        mo, e2e = result[f"model_only_{dtype}"], result[f"end_to_end_{dtype}"]
+        print(f"  model-only {dtype:<13} {mo['images_per_s']:8.3f} images/s")
+        print(f"  end to end {dtype:<13} {e2e['images_per_s']:8.3f} images/s steady "
+              f"({e2e['images_per_s_wall']:.3f} with Ray start and model loading)")
+        ratios[f"end_to_end_{dtype}/model_only_{dtype}"] = e2e["images_per_s"] / mo["images_per_s"]
+        if naive_rate:
+            ratios[f"end_to_end_{dtype}/naive_float32"] = e2e["images_per_s"] / naive_rate
+    if "float32" in args.dtypes and "bfloat16" in args.dtypes:
+        result["bfloat16_vs_float32"] = agreement(result["end_to_end_float32"]["output"],
+                                                  result["end_to_end_bfloat16"]["output"], 0.5)
+        print("  bfloat16 vs float32:", result["bfloat16_vs_float32"])
+    result["ratios"] = ratios
+    for name, value in ratios.items():
+        print(f"  {name:<40} {value:6.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
