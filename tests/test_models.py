@@ -122,3 +122,24 @@ def test_checkpoint_without_preprocessor_config_uses_blip_preprocessing(tiny_mod
     size = itm.model.config.vision_config.image_size
     assert (itm.image_processor.size.height, itm.image_processor.size.width) == (size, size)
     assert list(itm.image_processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+
+
+def test_cross_attention_projects_each_image_once(captioner, itm, monkeypatch):
+    """The key/value projections see each image once, not once per text or per sample."""
+    import torch.nn as nn
+
+    seen = []
+    original = nn.Linear.forward
+
+    def spy(self, x):
+        if getattr(self, "_capfilt_shared", None) is not None:
+            seen.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", spy)
+    pv = pixels(itm.image_processor)
+    itm(pv, [["a red square", "blue", "green"]] * 3)
+    assert seen and set(seen) == {3}  # 3 images, 9 texts
+    seen.clear()
+    captioner(pixels(captioner.image_processor), seed=1)
+    assert seen and set(seen) == {3}  # 3 images, 12 samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from capfilt.config import CaptionerConfig
+from capfilt.models import shared_kv
 from capfilt.models.loading import load_blip
 
 
@@ -28,6 +29,7 @@ class Captioner:
         self.prompt_ids = self.tokenizer(cfg.prompt, return_tensors="pt").input_ids
         self.prompt_len = self.prompt_ids.shape[1] - 1
         self.prompt_text = self.tokenizer.decode(self.prompt_ids[0], skip_special_tokens=True)
+        self.shared_layers = shared_kv.install(self.model.text_decoder.bert)
 
     def __call__(self, pixel_values, seed: int) -> list[list[str]]:
         """``num_captions`` captions for each image of the batch, prompt stripped."""
@@ -37,22 +39,34 @@ class Captioner:
         batch = pixel_values.shape[0]
         if n == 0 or batch == 0:
             return [[] for _ in range(batch)]
-        input_ids = self.prompt_ids.repeat(batch, 1).to(self.device)
+        text_config = self.model.config.text_config
+        # BlipForConditionalGeneration.generate, with the N samples of each image laid out as
+        # its num_return_sequences does (image-major), so the random draws are the same; the
+        # image is encoded once, and its cross-attention keys and values projected once.
+        input_ids = self.prompt_ids.repeat(batch * n, 1).to(self.device)
+        input_ids[:, 0] = text_config.bos_token_id
+        input_ids = input_ids[:, :-1]  # generate() drops the prompt's [SEP]
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(
-                pixel_values=pixel_values,
-                input_ids=input_ids,  # generate() writes into it: repeat() made a copy
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                top_p=self.cfg.top_p,
-                top_k=self.cfg.top_k,
-                temperature=self.cfg.temperature,
-                max_length=self.cfg.max_length,
-                min_length=self.cfg.min_length,
-                repetition_penalty=self.cfg.repetition_penalty,
-                num_return_sequences=n,
-            )
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            index = torch.arange(batch, device=image_embeds.device).repeat_interleave(n)
+            with shared_kv.repeated_states(self.shared_layers, image_embeds, index) as states:
+                out = self.model.text_decoder.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    encoder_hidden_states=states,
+                    encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                      device=states.device),
+                    eos_token_id=text_config.sep_token_id,
+                    pad_token_id=text_config.pad_token_id,
+                    do_sample=True,
+                    top_p=self.cfg.top_p,
+                    top_k=self.cfg.top_k,
+                    temperature=self.cfg.temperature,
+                    max_length=self.cfg.max_length,
+                    min_length=self.cfg.min_length,
+                    repetition_penalty=self.cfg.repetition_penalty,
+                )
         texts = [self._strip_prompt(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(batch)]
 

@@ -2,13 +2,15 @@
 
 ``BlipForImageTextRetrieval.forward`` runs the vision encoder once per (image, text)
 pair. Here the vision encoder runs once per image, and all texts of a batch go
-through the text encoder in one padded batch against their image's embedding;
+through the text encoder in one padded batch against their image's embedding,
+whose cross-attention keys and values are projected once per image (shared_kv);
 the scores equal the per-pair forward's (a test checks to 1e-4).
 """
 
 from __future__ import annotations
 
 from capfilt.config import FilterConfig
+from capfilt.models import shared_kv
 from capfilt.models.loading import load_blip
 
 
@@ -21,6 +23,7 @@ class ITMFilter:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.image_processor = self.loaded.image_processor
+        self.shared_layers = shared_kv.install(self.model.text_encoder)
 
     def __call__(self, pixel_values, texts: list[list[str]]) -> list[list[float]]:
         """``softmax(itm_logits)[1]`` for each text of each image."""
@@ -36,15 +39,15 @@ class ITMFilter:
                 max_length=self.cfg.max_text_tokens, return_tensors="pt",
             ).to(self.device)
             index = torch.tensor([i for i, _ in pairs], device=image_embeds.device)
-            encoder_states = image_embeds.index_select(0, index)
-            hidden = self.model.text_encoder(
-                input_ids=tokens.input_ids,
-                attention_mask=tokens.attention_mask,
-                encoder_hidden_states=encoder_states,
-                encoder_attention_mask=torch.ones(
-                    encoder_states.shape[:-1], dtype=torch.long, device=encoder_states.device
-                ),
-            ).last_hidden_state
+            with shared_kv.repeated_states(self.shared_layers, image_embeds, index) as encoder_states:
+                hidden = self.model.text_encoder(
+                    input_ids=tokens.input_ids,
+                    attention_mask=tokens.attention_mask,
+                    encoder_hidden_states=encoder_states,
+                    encoder_attention_mask=torch.ones(
+                        encoder_states.shape[:-1], dtype=torch.long, device=encoder_states.device
+                    ),
+                ).last_hidden_state
             logits = self.model.itm_head(hidden[:, 0, :]).float()
             scores = torch.softmax(logits, dim=-1)[:, 1].cpu().tolist()
         result: list[list[float]] = [[] for _ in texts]
