@@ -34,8 +34,9 @@ test: install
 demo: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.demo --output demo_output
 
-# BLIP-base shape by default; `make bench BENCH_ARGS="--shape small --images 32"` is quicker.
-BENCH_ARGS ?= --shape base --images 16
+# BLIP-base shape by default (about 12 minutes on 2 cores); `make bench BENCH_ARGS="--shape small"`
+# takes a few minutes.
+BENCH_ARGS ?= --shape base
 bench: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.bench --output bench_output $(BENCH_ARGS)
 
