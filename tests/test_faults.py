@@ -103,7 +103,7 @@ def test_worker_sigkill_mid_shard_is_redone_identically(clean, tiny_models, tmp_
     assert pids - {killed[0]}, "no restarted worker finished a shard"
     files = snapshot(out)
     for name, content in clean["files"].items():
-        if name not in ("run.json", "stats.json"):
+        if name not in ("run.json", "stats.json", "sizes.json"):  # written by the pipeline, not the executor
             assert files[name] == content, name
 
 

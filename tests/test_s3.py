@@ -137,7 +137,7 @@ def first_run(s3, tiny_models, tmp_path_factory):
 def test_run_reads_and_writes_s3_like_a_local_run(s3, first_run, tmp_path):
     assert first_run["rc"] == 0
     expected = {f"{n}{suffix}" for n in NAMES for suffix in (".tar", ".parquet", "_stats.json")}
-    assert set(keys(s3["client"])) == expected | {"run.json", "stats.json"}
+    assert set(keys(s3["client"])) == expected | {"run.json", "stats.json", "sizes.json"}
     assert not [k for k in keys(s3["client"], "") if ".tmp-" in k]
 
     out = download(s3["client"], tmp_path / "out")
