@@ -25,7 +25,7 @@ $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,download,s3]'
+	$(PY) -m pip install --quiet -e '.[test,download,s3,report]'
 	touch $(STAMP)
 
 test: install

@@ -57,6 +57,48 @@ def suggest(points: list[Point], target: str = "balanced_accuracy", value: float
     raise ValueError(f"unknown calibration target {target!r}")
 
 
+LABEL_FIELDS = ("label", "match", "is_match")
+
+
+def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
+    """(RGB images, texts, labels) of a labelled set: webdataset shards whose json has a
+    ``label`` (or ``match``) field, or parquet files with ``text``, ``label`` and ``image``
+    (bytes) columns."""
+    from capfilt.io.fs import expand_input
+    from capfilt.io.images import decode_rgb
+    from capfilt.io.reader import read_shard
+
+    specs = [spec] if isinstance(spec, str) else spec
+    images, texts, labels = [], [], []
+    for url in expand_input(specs, suffixes=(".tar", ".tar.gz", ".tgz", ".parquet")):
+        if url.endswith(".parquet"):
+            import fsspec
+            import pyarrow.parquet as pq
+
+            with fsspec.open(url, "rb") as f:
+                rows = pq.read_table(f, columns=["image", "text", "label"]).to_pylist()
+            records = [(r["image"], r["text"], r["label"]) for r in rows]
+        else:
+            records = [(s.image, s.web_text, _label(s.meta)) for s in read_shard(url) if s.error is None]
+        for image, text, label in records:
+            if image is None or text is None or label is None:
+                continue
+            images.append(decode_rgb(bytes(image), 50_000_000))
+            texts.append(text)
+            labels.append(bool(label))
+    if not labels or all(labels) or not any(labels):
+        raise ValueError(f"{spec}: a labelled set needs both matching and non-matching pairs "
+                         f"(found {sum(labels)} of {len(labels)} matching)")
+    return images, texts, labels
+
+
+def _label(meta: dict):
+    for name in LABEL_FIELDS:
+        if name in meta:
+            return meta[name]
+    return None
+
+
 def score_pairs(itm_filter, images: list, texts: list[str], batch_size: int = 32) -> list[float]:
     """ITM scores of (image, text) pairs; images are RGB PIL images."""
     import numpy as np

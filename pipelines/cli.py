@@ -43,6 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("-v", "--verbose", action="store_true", help="log the loss")
     finetune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
+    calibrate = sub.add_parser("calibrate", help="suggest filter.threshold from labelled pairs")
+    calibrate.add_argument("--config", help="YAML config (its filter and runtime sections)")
+    calibrate.add_argument("--labelled", required=True,
+                           help="webdataset shards with a json 'label', or parquet with image, text, label")
+    calibrate.add_argument("--target", default="balanced_accuracy",
+                           choices=["balanced_accuracy", "f1", "precision", "recall"])
+    calibrate.add_argument("--value", type=float, help="the precision or recall to reach")
+    calibrate.add_argument("--output", help="folder for calibration.json and precision_recall.png")
+    calibrate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+    inspect = sub.add_parser("inspect", help="print samples of an input or output shard as a table")
+    inspect.add_argument("path", help="an output folder, a .parquet, an output .tar or an input .tar")
+    inspect.add_argument("--status", choices=["kept", "dropped", "error", "input"])
+    inspect.add_argument("--key")
+    inspect.add_argument("--limit", type=int, default=20)
+
     from pipelines import reshard
 
     reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
@@ -83,11 +99,44 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "finetune":
         return _finetune(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
+    if args.command == "inspect":
+        return _inspect(args)
     if args.command == "reshard":
         from pipelines import reshard
 
         return reshard.run_from_args(args)
     return _download(args)
+
+
+def _calibrate(args) -> int:
+    from pipelines import calibrate
+
+    if args.target in ("precision", "recall") and args.value is None:
+        print(f"capfilt: --target {args.target} needs --value", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, args.overrides)
+        calibrate.run(config, args.labelled, args.target, args.value, args.output)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"capfilt: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _inspect(args) -> int:
+    from itertools import islice
+
+    from capfilt.inspection import format_table, iter_rows
+
+    try:
+        rows = list(islice(iter_rows(args.path, args.status, args.key), args.limit))
+    except (ValueError, OSError) as exc:
+        print(f"capfilt: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    return 0
 
 
 def _finetune(args) -> int:

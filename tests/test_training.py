@@ -145,3 +145,10 @@ def test_flipped_captions_swap_left_and_right():
     assert swap_left_right("a red circle on the left and a blue square on the Right") == \
         "a red circle on the right and a blue square on the Left"
     assert swap_left_right("leftover bright") == "leftover bright"
+
+
+def test_scratch_tokenizer_knows_the_prompt_words(captioner):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(captioner)
+    assert tokenizer.tokenize("a picture of ") == ["a", "picture", "of"]

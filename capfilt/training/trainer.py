@@ -32,8 +32,10 @@ def vocabulary(urls: list[str]) -> list[str]:
     return sorted(words)
 
 
-def build_model(model_cls, cfg: TrainConfig, train_urls: list[str]):
-    """(model, tokenizer, mean, std): from ``cfg.init``, or from scratch with ``cfg.scratch``."""
+def build_model(model_cls, cfg: TrainConfig, train_urls: list[str], prompt: str = ""):
+    """(model, tokenizer, mean, std): from ``cfg.init``, or from scratch with ``cfg.scratch``
+    and a tokenizer of the training texts' words and the prompt's (a prompt spelled out in
+    single characters would take most of BLIP's 20-token caption length)."""
     from transformers import AutoTokenizer
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -54,7 +56,8 @@ def build_model(model_cls, cfg: TrainConfig, train_urls: list[str]):
         return model, tokenizer, processor.image_mean, processor.image_std
     from capfilt.models.tiny import build_tokenizer, tiny_config
 
-    tokenizer = build_tokenizer(vocabulary(train_urls))
+    words = sorted(set(vocabulary(train_urls)) | set(re.findall(r"[a-z0-9]+", prompt.lower())))
+    tokenizer = build_tokenizer(words)
     shape = cfg.scratch
     config = tiny_config(tokenizer, image_size=cfg.image_size, patch_size=shape.patch_size,
                          hidden=shape.hidden, layers=shape.layers, heads=shape.heads)
@@ -258,7 +261,7 @@ def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progres
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model_cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
-    model, tokenizer, mean, std = build_model(model_cls, cfg, expand_input(cfg.train))
+    model, tokenizer, mean, std = build_model(model_cls, cfg, expand_input(cfg.train), prompt)
     if model.config.vision_config.image_size != cfg.image_size:
         raise ValueError(f"finetune.{kind}.image_size is {cfg.image_size} but {cfg.init} was trained at "
                          f"{model.config.vision_config.image_size}; set image_size to that")

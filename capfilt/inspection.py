@@ -1,0 +1,76 @@
+"""Rows to look at: an output's parquet, an output shard, or an input shard, filtered."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from capfilt.io.fs import expand_input, shard_name
+from capfilt.io.reader import read_shard
+
+
+def iter_rows(path: str, status: str | None = None, key: str | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of ``path``: an output folder (all its parquet), a ``.parquet``, an output ``.tar``
+    (its parquet beside it), or an input ``.tar`` (read directly, status ``input``)."""
+    for row in _rows(path):
+        if (status is None or row["status"] == status) and (key is None or row["key"] == key):
+            yield row
+
+
+def _rows(path: str) -> Iterator[dict[str, Any]]:
+    fs, local = url_to_fs(path)
+    if fs.isdir(local):
+        for found in expand_input(path, suffixes=(".parquet",)):
+            yield from _parquet_rows(found)
+        return
+    if path.endswith(".parquet"):
+        yield from _parquet_rows(path)
+        return
+    sidecar = posixpath.join(posixpath.dirname(path), shard_name(path) + ".parquet")
+    if fs.exists(url_to_fs(sidecar)[1]) and _is_capfilt_parquet(sidecar):
+        yield from _parquet_rows(sidecar)
+        return
+    for sample in read_shard(path):
+        yield {"key": sample.key, "status": "input" if sample.error is None else "error",
+               "error": sample.error, "web_text": sample.web_text, "web_score": None,
+               "captions": [], "caption_scores": [], "text": None, "url": sample.meta.get("url")}
+
+
+def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as f:
+        yield from pq.read_table(f).to_pylist()
+
+
+def _is_capfilt_parquet(path: str) -> bool:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as f:
+        return "web_score" in pq.read_schema(f).names
+
+
+def format_table(rows: list[dict[str, Any]], width: int = 48) -> str:
+    """A plain terminal table: key, status, web text and score, captions and scores."""
+    def cut(text: str | None) -> str:
+        text = "" if text is None else " ".join(str(text).split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    def score(value: float | None) -> str:
+        return "" if value is None else f"{value:.3f}"
+
+    lines = [f"{'key':<16} {'status':<8} {'score':>6}  {'web text / captions'}"]
+    for row in rows:
+        mark = "*" if row.get("text") is not None and row.get("text") == row.get("web_text") else " "
+        lines.append(f"{cut(row['key'])[:16]:<16} {row['status']:<8} {score(row.get('web_score')):>6} "
+                     f"{mark}{cut(row.get('web_text'))}")
+        for caption, value in zip(row.get("captions") or [], row.get("caption_scores") or []):
+            mark = "*" if caption == row.get("text") else " "
+            lines.append(f"{'':<16} {'':<8} {score(value):>6} {mark}  {cut(caption)}")
+        if row.get("error"):
+            lines.append(f"{'':<16} {'':<8} {'':>6}  error: {cut(row['error'])}")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""``capfilt calibrate``: score a labelled set with the configured filter and suggest a threshold."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from capfilt.calibrate import curve, load_labelled, score_pairs, suggest
+from capfilt.config import Config
+
+
+def run(config: Config, labelled: str, target: str, value: float | None, output: str | None) -> dict[str, Any]:
+    from capfilt.models.itm_filter import ITMFilter
+    from capfilt.models.loading import resolve_device
+
+    images, texts, labels = load_labelled(labelled)
+    itm = ITMFilter(config.filter, resolve_device(config.runtime.device), config.runtime.dtype)
+    scores = score_pairs(itm, images, texts, batch_size=config.runtime.batch_size)
+    points = curve(scores, labels)
+    best = suggest(points, target, value)
+    print_table(points, best, config.filter.threshold, len(labels), sum(labels))
+    result = {"model": config.filter.model, "pairs": len(labels), "matching": sum(labels),
+              "target": target, "value": value, "suggested_threshold": best.threshold,
+              "at_suggested": _point(best), "curve": [_point(p) for p in points]}
+    if output:
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, "calibration.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plot(points, best, os.path.join(output, "precision_recall.png"))
+    return result
+
+
+def _point(p) -> dict[str, float]:
+    return {"threshold": p.threshold, "precision": p.precision, "recall": p.recall,
+            "f1": p.f1, "specificity": p.specificity}
+
+
+def print_table(points, best, current: float, pairs: int, matching: int) -> None:
+    print(f"\n{pairs} labelled pairs ({matching} matching); keep when score >= threshold")
+    print(f"  {'threshold':>9} {'precision':>9} {'recall':>7} {'f1':>6}")
+    for p in points:
+        if round(p.threshold * 100) % 5 == 0 or p is best:
+            mark = "  <- suggested" if p is best else ("  <- configured" if abs(p.threshold - current) < 1e-9 else "")
+            print(f"  {p.threshold:>9.2f} {p.precision:>9.3f} {p.recall:>7.3f} {p.f1:>6.3f}{mark}")
+    print(f"suggested filter.threshold={best.threshold:.2f}")
+
+
+def plot(points, best, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("capfilt: matplotlib is not installed; no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([p.recall for p in points], [p.precision for p in points], marker=".")
+    ax.scatter([best.recall], [best.precision], color="red", zorder=3, label=f"threshold {best.threshold:.2f}")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("filter precision-recall")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
