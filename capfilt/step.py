@@ -73,7 +73,9 @@ class CapFiltStep:
         }
         return sample
 
-    def run(self, task: ShardTask, report: Report | None = None) -> dict[str, Any]:
+    def run(self, task: ShardTask, report: Report | None = None,
+            worker: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Process one shard. ``worker`` (who runs it, from the executor) goes into the stats' timing."""
         start = time.time()
         rt = self.config.runtime
         counts: Counter = Counter()
@@ -89,7 +91,7 @@ class CapFiltStep:
                     _count(counts, sample, self.config.filter.threshold)
                 if report:
                     report(dict(counts))
-        stats = _shard_stats(task, counts, start, time.time())
+        stats = _shard_stats(task, counts, start, time.time(), worker or {"worker_pid": os.getpid()})
         stats["tar_samples"] = writer.written
         writer.finish(stats)
         return stats
@@ -146,15 +148,6 @@ def _count(counts: Counter, sample: Sample, threshold: float) -> None:
     counts["captions_kept"] += sum(score >= threshold for score in sample.caption_scores)
 
 
-def _node_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except ImportError:
-        return None
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far."""
     import resource
@@ -162,7 +155,8 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
-def _shard_stats(task: ShardTask, counts: Counter, start: float, end: float) -> dict[str, Any]:
+def _shard_stats(task: ShardTask, counts: Counter, start: float, end: float,
+                 worker: dict[str, Any]) -> dict[str, Any]:
     """Counts, then what varies from run to run under ``timing``."""
     return {
         "shard": task.name,
@@ -179,8 +173,7 @@ def _shard_stats(task: ShardTask, counts: Counter, start: float, end: float) -> 
             "seconds": round(end - start, 3),
             "started_at": start,
             "finished_at": end,
-            "worker_pid": os.getpid(),
-            "worker_node": _node_id(),
+            **worker,
             "worker_peak_rss_mb": peak_rss_mb(),
         },
     }

@@ -1,7 +1,7 @@
 """Run a step over shards with Ray actors, each holding the step (its models) loaded once.
 
 The executor knows nothing of what the step does: it needs a picklable factory
-returning an object with ``run(task, report) -> dict`` and, optionally,
+returning an object with ``run(task, report, worker) -> dict`` and, optionally,
 ``revisions() -> dict``. A shard is the unit of work and of retry.
 """
 
@@ -88,7 +88,10 @@ class _Worker:
                 last[0] = now
                 self.progress.update.remote(task.name, counts)
 
-        stats = self.step.run(task, report)
+        import ray
+
+        worker = {"worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id()}
+        stats = self.step.run(task, report, worker)
         self.progress.update.remote(task.name, {k: v for k, v in stats.items() if isinstance(v, int)})
         return stats
 
