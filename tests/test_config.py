@@ -112,31 +112,16 @@ def test_bad_values_raise_config_error_naming_the_key(overrides, key):
     assert key in str(info.value)
 
 
-def test_unknown_key_in_the_file_is_an_error(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("filter:\n  threshold: 0.5\n  thresh: 0.7\n", r"filter\.thresh\b"),  # unknown key in a section
+    ("captoner:\n  num_captions: 3\n", "captoner"),  # unknown top-level key
+    ("captioner:\n  max_length: 10\n  min_length: 12\n", "min_length"),
+    ("- a\n- b\n", "mapping"),  # not a mapping at all
+], ids=["unknown_nested", "unknown_top_level", "min_over_max", "not_a_mapping"])
+def test_bad_config_file_is_an_error_naming_the_key(tmp_path, text, message):
     path = tmp_path / "c.yaml"
-    path.write_text("filter:\n  threshold: 0.5\n  thresh: 0.7\n")
-    with pytest.raises(ConfigError, match=r"filter\.thresh\b"):
-        load_config(str(path))
-
-
-def test_unknown_top_level_key_in_the_file_is_an_error(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("captoner:\n  num_captions: 3\n")
-    with pytest.raises(ConfigError, match="captoner"):
-        load_config(str(path))
-
-
-def test_min_length_over_max_length_in_the_file_is_an_error(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("captioner:\n  max_length: 10\n  min_length: 12\n")
-    with pytest.raises(ConfigError, match="min_length"):
-        load_config(str(path))
-
-
-def test_a_file_that_is_not_a_mapping_is_an_error(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="mapping"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_config(str(path))
 
 
