@@ -115,7 +115,7 @@ def _remove_temporaries(out: OutputDir) -> None:
 def _check_models(config: Config) -> None:
     """A model that can only be a local path must exist, before any worker tries to load it."""
     for key, name in (("captioner.model", config.captioner.model), ("filter.model", config.filter.model)):
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
         if looks_local and not os.path.isdir(os.path.expanduser(name)):
             raise ValueError(f"{key}: {name!r} is not a folder, nor a hub id like 'Salesforce/blip-itm-large-coco'"
                              " (make tiny local models with: capfilt tiny-models DIR)")

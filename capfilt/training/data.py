@@ -58,7 +58,8 @@ def count_pairs(urls: list[str]) -> int:
         try:
             with fsspec.open(stats_url, "r") as f:
                 stats = json.load(f)
-            total += int(stats.get("kept", stats.get("successes")))
+            # capfilt's samples in the tar (pairs count), else its kept images, else img2dataset's
+            total += int(next(stats[k] for k in ("tar_samples", "kept", "successes") if k in stats))
             continue
         except Exception:  # no usable stats: count the images in the tar
             pass
