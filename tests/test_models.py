@@ -128,11 +128,13 @@ def test_cross_attention_projects_each_image_once(captioner, itm, monkeypatch):
     """The key/value projections see each image once, not once per text or per sample."""
     import torch.nn as nn
 
+    projections = {id(p) for model in (captioner, itm) for layer in model.shared_layers
+                   for p in (layer.key, layer.value)}
     seen = []
     original = nn.Linear.forward
 
     def spy(self, x):
-        if getattr(self, "_capfilt_shared", None) is not None:
+        if id(self) in projections:
             seen.append(x.shape[0])
         return original(self, x)
 
@@ -142,4 +144,21 @@ def test_cross_attention_projects_each_image_once(captioner, itm, monkeypatch):
     assert seen and set(seen) == {3}  # 3 images, 9 texts
     seen.clear()
     captioner(pixels(captioner.image_processor), seed=1)
-    assert seen and set(seen) == {3}  # 3 images, 12 samples
+    assert seen and set(seen) == {3}  # 3 images, 12 samples, every decoding step
+
+
+def test_itm_scores_with_uneven_texts_per_image_equal_per_pair_forward(itm):
+    """Images with different numbers of texts (zero-padded side by side) score as pairs do."""
+    import torch
+
+    pv = pixels(itm.image_processor)
+    texts = [["a red square", "blue"], [], ["green circle on a plain background", "x", "a b c"]]
+    got = itm(pv, texts)
+    assert [len(t) for t in got] == [2, 0, 3]
+    for i, image_texts in enumerate(texts):
+        for text, score in zip(image_texts, got[i]):
+            tokens = itm.tokenizer(text, return_tensors="pt")
+            with torch.no_grad():
+                logits = itm.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                   pixel_values=pv[i:i + 1]).itm_score
+            assert score == pytest.approx(torch.softmax(logits, -1)[0, 1].item(), abs=1e-5)

@@ -30,6 +30,7 @@ class Captioner:
         self.prompt_len = self.prompt_ids.shape[1] - 1
         self.prompt_text = self.tokenizer.decode(self.prompt_ids[0], skip_special_tokens=True)
         self.shared_layers = shared_kv.install(self.model.text_decoder.bert)
+        shared_kv.install_vision(self.model.vision_model)
 
     def __call__(self, pixel_values, seed: int) -> list[list[str]]:
         """``num_captions`` captions for each image of the batch, prompt stripped."""

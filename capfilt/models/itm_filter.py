@@ -24,6 +24,7 @@ class ITMFilter:
         self.tokenizer = self.loaded.tokenizer
         self.image_processor = self.loaded.image_processor
         self.shared_layers = shared_kv.install(self.model.text_encoder)
+        shared_kv.install_vision(self.model.vision_model)
 
     def __call__(self, pixel_values, texts: list[list[str]]) -> list[list[float]]:
         """``softmax(itm_logits)[1]`` for each text of each image."""
