@@ -83,15 +83,19 @@ class CapFiltStep:
         samples = read_shard(task.url, self.reader_options)
         batches = prefetch_batches(samples, self.prepare, rt.batch_size, rt.decode_threads,
                                    rt.prefetch_batches)
+        model_seconds = 0.0  # in the models, to tell compute from I/O, decoding and Ray
         with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout) as writer:
             for index, batch in enumerate(batches):
+                begin = time.perf_counter()
                 self.process_batch(batch, batch_seed(rt.seed, task.name, index))
+                model_seconds += time.perf_counter() - begin
                 for sample in batch:
                     writer.write(sample)
                     _count(counts, sample, self.config.filter.threshold)
                 if report:
                     report(dict(counts))
         stats = _shard_stats(task, counts, start, time.time(), worker or {"worker_pid": os.getpid()})
+        stats[TIMING]["model_seconds"] = round(model_seconds, 3)
         stats["tar_samples"] = writer.written
         writer.finish(stats)
         return stats
