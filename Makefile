@@ -16,7 +16,7 @@ LOOPBACK_ENV := env -u RAY_ADDRESS \
 	HF_HUB_OFFLINE=1 \
 	NO_ALBUMENTATIONS_UPDATE=1
 
-.PHONY: install test demo bench clean
+.PHONY: install browser test demo bench clean
 
 install: $(STAMP)
 
@@ -28,7 +28,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,download,s3,report]'
 	touch $(STAMP)
 
-test: install
+# The report's test opens it in a real browser: Debian's chromium (the machine has none).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+test: install browser
 	$(LOOPBACK_ENV) $(PY) -m pytest -q tests
 
 demo: install

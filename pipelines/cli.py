@@ -1,4 +1,4 @@
-"""The ``capfilt`` command line: ``run`` and ``tiny-models``."""
+"""The ``capfilt`` command line: run, download, web2clean, finetune, calibrate, inspect, report, reshard."""
 
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
 
     from pipelines import reshard
 
+    report = sub.add_parser("report", help="write a self-contained HTML report of an output folder")
+    report.add_argument("path", help="a capfilt output folder, local or fsspec URL")
+    report.add_argument("--html", default="report.html", help="the HTML file to write (default: report.html)")
+    report.add_argument("--max-shards", type=int, default=16,
+                        help="shards whose parquet feeds the histograms and examples, spread over the run")
+    report.add_argument("--examples", type=int, default=12, help="examples per grid")
+    report.add_argument("--image-shards", type=int, default=4,
+                        help="tars to stream for thumbnails (more only if a grid would be empty)")
     reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
 
     tiny = sub.add_parser("tiny-models", help="build tiny random BLIP checkpoints for offline tests")
@@ -103,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return _calibrate(args)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "reshard":
         from pipelines import reshard
 
@@ -136,6 +146,23 @@ def _inspect(args) -> int:
         print(f"capfilt: {exc}", file=sys.stderr)
         return 2
     print(format_table(rows))
+    return 0
+
+
+def _report(args) -> int:
+    from capfilt.report import build_report, write_report
+
+    try:
+        data = build_report(args.path, max_shards=args.max_shards, examples=args.examples,
+                            image_shards=args.image_shards)
+        write_report(data, args.html)
+    except (ValueError, OSError) as exc:
+        print(f"capfilt: {exc}", file=sys.stderr)
+        return 2
+    t = data.totals
+    print(f"capfilt report: {t['shards']:,} shards, {t['samples']:,} samples, {t['kept']:,} kept, "
+          f"{t['dropped']:,} dropped, {t['error']:,} errors; examples from "
+          f"{len(data.sampled_shards)} shards -> {args.html}")
     return 0
 
 

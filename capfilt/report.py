@@ -1,0 +1,366 @@
+"""``capfilt report``: one self-contained HTML page that shows what a run kept and dropped.
+
+Bounded on any output size: totals come from the per-shard stats files (small JSON, all of
+them), scores and examples from the parquet of at most ``max_shards`` shards spread evenly
+over the run, and thumbnails from at most ``image_shards`` tars, each streamed only until
+its wanted keys are found. Everything is read through fsspec. The page embeds its images
+and plots as data URIs, loads nothing and runs no script; every text from the data is
+escaped (it is untrusted web text).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import posixpath
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from capfilt.io.fs import shard_name
+from capfilt.io.images import ImageError, decode_rgb
+from capfilt.io.reader import read_shard
+from capfilt.io.writer import TIMING
+
+BORDERLINE = 0.05
+COLUMNS = ["key", "status", "error", "web_text", "web_score", "web_kept", "captions", "caption_scores",
+           "text", "text_origin"]
+SECTIONS = {  # id -> (title, what it shows)
+    "web-kept": ("Web text kept", "the web text matched its image"),
+    "rescued": ("Rescued by a synthetic caption", "the web text was dropped, a caption kept the image"),
+    "dropped": ("Image dropped", "no text matched the image"),
+    "borderline": ("Borderline", f"a score within ±{BORDERLINE} of the threshold"),
+}
+
+
+@dataclass
+class ReportData:
+    output: str
+    threshold: float
+    config: dict[str, Any]
+    totals: dict[str, Any]
+    shards: list[dict[str, Any]]
+    failed: list[Any]
+    sampled_shards: list[str]
+    sampled_rows: int
+    errors: Counter
+    web_scores: list[float]
+    caption_scores: list[float]
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def build_report(output: str, max_shards: int = 16, examples: int = 12, image_shards: int = 4,
+                 max_pixels: int = 50_000_000, seed: int = 0) -> ReportData:
+    """Read ``output`` (a capfilt output folder, local or fsspec URL) into a ``ReportData``."""
+    fs, root = url_to_fs(output)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{output}: no such output folder")
+    run = _read_json(fs, posixpath.join(root, "run.json")) or {}
+    config = run.get("config", {})
+    threshold = float(config.get("filter", {}).get("threshold", 0.5))
+    stats_paths = sorted(fs.glob(posixpath.join(root, "*_stats.json")))
+    if not stats_paths:
+        raise FileNotFoundError(f"{output}: no finished shard (no *_stats.json): is it a capfilt output?")
+    shards = [dict(json.loads(data), _name=_stats_shard(path))
+              for path, data in sorted(fs.cat(stats_paths).items())]
+    totals = _totals(shards)
+    summary = _read_json(fs, posixpath.join(root, "stats.json")) or {}
+
+    # Parquet of a bounded, evenly spread set of shards: scores, errors and example candidates.
+    step = max(1, len(shards) / max(1, max_shards))
+    picked = [shards[int(i * step)] for i in range(min(max_shards, len(shards)))]
+    rows: list[dict[str, Any]] = []
+    for shard in picked:
+        path = posixpath.join(root, shard["_name"] + ".parquet")
+        for row in _parquet_rows(fs, path):
+            row["_shard"] = shard["_name"]
+            rows.append(row)
+    errors = Counter(error_reason(r["error"], r["key"]) for r in rows if r["status"] == "error")
+    web_scores = [r["web_score"] for r in rows if r["web_score"] is not None]
+    caption_scores = [s for r in rows for s in (r["caption_scores"] or [])]
+
+    data = ReportData(output, threshold, config, totals, shards, summary.get("failed", []),
+                      [s["_name"] for s in picked], len(rows), errors, web_scores, caption_scores)
+    data.examples = _pick_examples(rows, threshold, examples, image_shards, seed)
+    inputs = {s["_name"]: s.get("input") for s in shards}
+    _attach_thumbnails(fs, root, data.examples, inputs, max_pixels)
+    return data
+
+
+def _read_json(fs, path: str) -> dict[str, Any] | None:
+    return json.loads(fs.cat(path)) if fs.exists(path) else None
+
+
+def _stats_shard(path: str) -> str:
+    return posixpath.basename(path)[: -len("_stats.json")]
+
+
+def _parquet_rows(fs, path: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=COLUMNS).to_pylist()
+
+
+def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("samples", "kept", "dropped", "error", "web_texts", "web_kept", "captions", "captions_kept")
+    totals = {k: sum(s.get(k, 0) for s in shards) for k in keys}
+    totals["shards"] = len(shards)
+    return totals
+
+
+def error_reason(error: str | None, key: str) -> str:
+    """An error message with its shard, key and numbers taken out, to count errors by kind."""
+    text = error or "unknown"
+    text = text.replace(key, "")
+    text = re.sub(r"^\S+?: ", "", text)  # the shard URL that starts every message
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "…", text)
+    text = re.sub(r"<[^>]*>", "…", text)
+    text = re.sub(r"\d+", "N", text)
+    text = re.sub(r"^[\s.:]+|\s+$", "", text)
+    return text[:120] or "unknown"
+
+
+def _category_rows(rows: list[dict[str, Any]], threshold: float) -> dict[str, list[dict[str, Any]]]:
+    def near(score):
+        return score is not None and abs(score - threshold) <= BORDERLINE
+
+    return {
+        "web-kept": [r for r in rows if r["status"] == "kept" and r["web_kept"]],
+        "rescued": [r for r in rows if r["status"] == "kept" and r["web_score"] is not None and not r["web_kept"]],
+        "dropped": [r for r in rows if r["status"] == "dropped"],
+        "borderline": [r for r in rows if r["status"] != "error"
+                       and (near(r["web_score"]) or any(near(s) for s in r["caption_scores"] or []))],
+    }
+
+
+def _pick_examples(rows, threshold: float, count: int, image_shards: int, seed: int):
+    """Up to ``count`` random rows per category, from as few shards as can supply them."""
+    rng = random.Random(seed)
+    order = list(dict.fromkeys(r["_shard"] for r in rows))
+    preferred = set(order[:image_shards])
+    picked = {}
+    for name, candidates in _category_rows(rows, threshold).items():
+        near = [r for r in candidates if r["_shard"] in preferred]
+        far = [r for r in candidates if r["_shard"] not in preferred]
+        chosen = rng.sample(near, min(count, len(near)))
+        chosen += rng.sample(far, min(count - len(chosen), len(far)))
+        picked[name] = sorted(chosen, key=lambda r: (r["_shard"], r["key"]))
+    return picked
+
+
+def _attach_thumbnails(fs, root: str, examples, inputs: dict[str, str | None], max_pixels: int) -> None:
+    """Give each example a ``_thumb`` data URI (or ``_thumb_error``): streamed from the shard's
+    input tar, or, for kept samples, from the output tar when the input is gone."""
+    wanted: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rows in examples.values():
+        for row in rows:
+            wanted.setdefault(row["_shard"], {}).setdefault(row["key"], []).append(row)
+    for shard, by_key in wanted.items():
+        found: dict[str, bytes] = {}
+        sources = [inputs.get(shard), _unstrip(fs, posixpath.join(root, shard + ".tar"))]
+        reasons = []
+        for source in (s for s in sources if s):
+            missing = set(by_key) - set(found)
+            if not missing:
+                break
+            try:
+                for sample in read_shard(source):
+                    image_key = sample.meta.get("capfilt_pair", {}).get("image_key", sample.key)
+                    if image_key in missing and sample.image and image_key not in found:
+                        found[image_key] = sample.image
+                        if len(found) == len(by_key):
+                            break
+            except OSError as exc:
+                reasons.append(f"{source}: {exc}")
+        for key, rows in by_key.items():
+            thumb, error = None, None
+            if key in found:
+                try:
+                    thumb = thumbnail(found[key], max_pixels)
+                except ImageError as exc:
+                    error = str(exc)
+            else:
+                error = "image not found in " + (" or ".join(s for s in sources if s) if not reasons else "; ".join(reasons))
+            for row in rows:
+                row["_thumb"], row["_thumb_error"] = thumb, error
+
+
+def _unstrip(fs, path: str) -> str:
+    return path if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(path)
+
+
+def thumbnail(data: bytes, max_pixels: int, size: int = 192) -> str:
+    """A JPEG data URI at most ``size`` pixels on its longer side (decoding bounded)."""
+    image = decode_rgb(data, max_pixels)
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def histogram_png(web: list[float], captions: list[float], threshold: float) -> str | None:
+    """Score histograms with the threshold marked, as a PNG data URI (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+    bins = [i / 40 for i in range(41)]
+    for ax, scores, title, colour in ((axes[0], web, "web texts", "#4c72b0"),
+                                      (axes[1], captions, "synthetic captions", "#dd8452")):
+        ax.hist(scores, bins=bins, color=colour)
+        ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:g}")
+        ax.set_title(f"{title} ({len(scores):,})")
+        ax.set_xlabel("ITM match score")
+        ax.set_xlim(0, 1)
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("texts")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{margin-bottom:4px} .meta{color:#666;font-size:13px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f4f4f4}
+td.l,th.l{text-align:left}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px;background:#fafafa}
+.card img{display:block;max-width:192px;max-height:192px;margin:0 auto 6px}
+.noimg{height:96px;display:flex;align-items:center;justify-content:center;color:#a00;text-align:center}
+.key{color:#666;font-family:monospace} .t{margin:2px 0}
+.kept{color:#1a7f37} .dropped{color:#b42318} .score{font-family:monospace}
+"""
+
+
+def render_html(data: ReportData) -> str:
+    esc = html.escape
+    t = data.totals
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        # Nothing may load from anywhere and no script may run: the page is data.
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">",
+        f"<title>capfilt report: {esc(data.output)}</title><style>{CSS}</style></head><body>",
+        "<h1>capfilt report</h1>",
+        f"<p class='meta'>{esc(data.output)} · threshold {data.threshold:g} · captioner "
+        f"{esc(str(data.config.get('captioner', {}).get('model', '?')))} · filter "
+        f"{esc(str(data.config.get('filter', {}).get('model', '?')))} · written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        "<section id='summary'><h2>Summary</h2><table>",
+        _row(["shards done", "samples", "kept", "dropped", "errors", "web texts kept", "captions kept"], "th"),
+        _row([f"{t['shards']:,}", f"{t['samples']:,}", _count_pct(t["kept"], t["samples"]),
+              _count_pct(t["dropped"], t["samples"]), _count_pct(t["error"], t["samples"]),
+              _count_pct(t["web_kept"], t["web_texts"]), _count_pct(t["captions_kept"], t["captions"])]),
+        "</table>",
+    ]
+    if data.failed:
+        parts.append(f"<p class='dropped'>{len(data.failed)} shard(s) failed: "
+                     f"{esc(', '.join(str(f) for f in data.failed[:20]))}</p>")
+    parts.append("</section>")
+    parts += _shard_table(data)
+    parts += _error_table(data)
+    parts.append("<section id='scores'><h2>Scores</h2>")
+    png = histogram_png(data.web_scores, data.caption_scores, data.threshold)
+    if png:
+        parts.append(f"<img class='plot' alt='score histograms' src='{png}'>")
+    else:
+        parts.append("<p>matplotlib is not installed: no histogram (pip install 'capfilt[report]').</p>")
+    parts.append(f"<p class='meta'>From the parquet of {len(data.sampled_shards):,} of {t['shards']:,} "
+                 f"shards ({data.sampled_rows:,} samples).</p></section>")
+    for section, (title, what) in SECTIONS.items():
+        rows = data.examples.get(section, [])
+        parts.append(f"<section id='{section}'><h2>{esc(title)}</h2><p class='meta'>{esc(what)}; "
+                     f"{len(rows)} example(s)</p><div class='grid'>")
+        parts += [_card(r, data.threshold) for r in rows]
+        parts.append("</div></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _row(cells, tag="td") -> str:
+    return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+
+
+def _count_pct(count: int, total: int) -> str:
+    return f"{count:,} ({100 * count / total:.1f}%)" if total else f"{count:,}"
+
+
+def _shard_table(data: ReportData, limit: int = 100) -> list[str]:
+    shards = data.shards
+    note = ""
+    if len(shards) > limit:
+        # The ones worth a look: most errors, then lowest keep rate.
+        shards = sorted(shards, key=lambda s: (-s.get("error", 0), s.get("kept", 0) / max(1, s.get("samples", 0))))
+        shards = sorted(shards[:limit], key=lambda s: s["_name"])
+        note = (f"<p class='meta'>The {limit} shards with the most errors and the lowest keep rates; "
+                f"{len(data.shards) - limit:,} more not shown.</p>")
+    parts = ["<section id='shards'><h2>Shards</h2>", note, "<table>",
+             _row(["shard", "samples", "kept", "dropped", "errors", "web kept", "keep rate", "seconds"], "th")]
+    for s in shards:
+        parts.append(_row([s["_name"], s.get("samples", 0), s.get("kept", 0), s.get("dropped", 0),
+                           s.get("error", 0), s.get("web_kept", 0),
+                           f"{100 * s.get('kept', 0) / max(1, s.get('samples', 0)):.1f}%",
+                           s.get("seconds", s.get(TIMING, {}).get("seconds", ""))]))
+    parts.append("</table></section>")
+    return parts
+
+
+def _error_table(data: ReportData) -> list[str]:
+    parts = ["<section id='errors'><h2>Errors by reason</h2>",
+             f"<p class='meta'>{data.totals['error']:,} errors in all shards; reasons from the "
+             f"{len(data.sampled_shards):,} sampled shards.</p>"]
+    if not data.errors:
+        parts.append("<p>No errors in the sampled shards.</p></section>")
+        return parts
+    parts.append("<table>" + _row(["reason", "samples"], "th"))
+    for reason, count in data.errors.most_common(50):
+        parts.append(f"<tr><td class='l'>{html.escape(reason)}</td><td>{count:,}</td></tr>")
+    parts.append("</table></section>")
+    return parts
+
+
+def _card(row: dict[str, Any], threshold: float) -> str:
+    esc = html.escape
+    if row.get("_thumb"):
+        image = f"<img alt='{esc(row['key'])}' src='{row['_thumb']}'>"
+    else:
+        image = f"<div class='noimg'>{esc(row.get('_thumb_error') or 'no image')}</div>"
+    lines = [f"<div class='card'>{image}<div class='key'>{esc(row['_shard'])}/{esc(row['key'])} · "
+             f"{esc(row['status'])}</div>"]
+    texts = [("web", row["web_text"], row["web_score"])]
+    texts += [("caption", c, s) for c, s in zip(row["captions"] or [], row["caption_scores"] or [])]
+    for origin, text, score in texts:
+        if text is None:
+            continue
+        kept = score is not None and score >= threshold
+        mark = "kept" if kept else "dropped"
+        shown = "–" if score is None else f"{score:.3f}"
+        lines.append(f"<div class='t {mark}'><span class='score'>{shown}</span> {origin}: {esc(text[:300])}</div>")
+    lines.append("</div>")
+    return "".join(lines)
+
+
+def write_report(data: ReportData, path: str) -> None:
+    with fsspec.open(path, "w", encoding="utf-8") as f:
+        f.write(render_html(data))

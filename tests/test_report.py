@@ -1,0 +1,150 @@
+"""capfilt report: the HTML page, opened in a real headless Chromium."""
+
+import json
+import os
+
+import pytest
+from browser import Chromium
+from conftest import COLOURS, image_bytes, make_web_shards, write_shard
+from PIL import Image
+
+from capfilt.decision import decide
+from capfilt.io.fs import OutputDir
+from capfilt.io.writer import ShardWriter
+from capfilt.report import build_report, error_reason
+from capfilt.sample import Sample
+from pipelines.cli import main
+
+THRESHOLD = 0.5
+# key -> (colour, web score, caption scores): one or more of every grid of the report.
+CASES = {
+    "kept": ("red", 0.91, [0.30, 0.62]),  # web text kept
+    "rescued": ("green", 0.12, [0.81, 0.33]),  # web text dropped, a caption keeps the image
+    "dropped": ("blue", 0.05, [0.20, 0.10]),  # image dropped
+    "border": ("yellow", 0.53, [0.47, 0.20]),  # web 0.53 and a caption 0.47: within 0.05
+}
+
+
+def hand_made_output(tmp_path, shards=2):
+    """An output written by capfilt's own writer, with chosen scores, and its input shards."""
+    out = OutputDir(str(tmp_path / "out"))
+    for s in range(shards):
+        records, samples = [], []
+        for key, (colour, web, scores) in CASES.items():
+            key = f"{s}{key}"
+            image = image_bytes(colour, size=(120, 90), seed=s)
+            records.append({"key": key, "jpg": image, "txt": f"web <b>{key}</b>"})
+            sample = Sample(key=key, image=image, image_ext="jpg", web_text=f"web <b>{key}</b>")
+            sample.web_score, sample.caption_scores = web, scores
+            sample.captions = [f"caption {i} of {key}" for i in range(len(scores))]
+            samples.append(decide(sample, THRESHOLD, "best_score"))
+        records.append({"key": f"{s}bad", "jpg": b"not an image", "txt": "broken"})
+        input_tar = write_shard(tmp_path / f"{s:05d}.tar", records)
+        samples.append(Sample(key=f"{s}bad", image=b"x", image_ext="jpg")
+                       .fail(f"{input_tar}: {s}bad.jpg: cannot decode image: UnidentifiedImageError: 'x'"))
+        with ShardWriter(out, f"{s:05d}", THRESHOLD) as writer:
+            for sample in samples:
+                writer.write(sample)
+        kept = sum(x.status == "kept" for x in samples)
+        writer.finish({"input": input_tar, "samples": len(samples), "kept": kept, "error": 1,
+                       "dropped": len(samples) - kept - 1, "web_texts": 4,
+                       "web_kept": sum(bool(x.kept_texts) and x.kept_texts[0][1] == "web" for x in samples),
+                       "captions": 8, "captions_kept": 3})
+    out.write_bytes("run.json", json.dumps({"config": {"filter": {"threshold": THRESHOLD, "model": "tiny-filter"},
+                                                       "captioner": {"model": "tiny-captioner"}}}).encode())
+    return tmp_path / "out"
+
+
+def test_report_data_totals_grids_and_error_reasons(tmp_path):
+    data = build_report(str(hand_made_output(tmp_path)))
+    assert data.totals["samples"] == 10 and data.totals["error"] == 2 and data.totals["shards"] == 2
+    keys = {name: sorted(r["key"][1:] for r in rows) for name, rows in data.examples.items()}
+    assert keys["web-kept"] == ["border", "border", "kept", "kept"]
+    assert set(keys["rescued"]) == {"rescued"} and set(keys["dropped"]) == {"dropped"}
+    assert set(keys["borderline"]) == {"border"}
+    assert all(r["_thumb"].startswith("data:image/jpeg;base64,") for rows in data.examples.values() for r in rows)
+    # One reason for both shards' decode errors: shard path and key taken out.
+    assert list(data.errors) == ["cannot decode image: UnidentifiedImageError: …"]
+    assert data.errors.most_common(1)[0][1] == 2
+    assert sorted(data.web_scores) == sorted([c[1] for c in CASES.values()] * 2)
+
+
+def test_report_bounds_what_it_reads(tmp_path):
+    data = build_report(str(hand_made_output(tmp_path, shards=5)), max_shards=2, examples=1, image_shards=1)
+    assert data.totals["shards"] == 5 and len(data.sampled_shards) == 2
+    assert data.sampled_rows == 10  # two shards' parquet, not five
+    assert all(len(rows) <= 1 for rows in data.examples.values())
+    # Every example comes from one shard: one tar streamed for thumbnails.
+    assert len({r["_shard"] for rows in data.examples.values() for r in rows}) == 1
+
+
+def test_error_reason_drops_shard_key_and_numbers():
+    reason = error_reason("s3://b/x/00012.tar: 000120007.jpg: image claims 90000x90000 pixels, over the "
+                          "limit of 50000000", "000120007")
+    assert reason == "image claims NxN pixels, over the limit of N"
+
+
+def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--html", str(tmp_path / "r.html")]) == 2
+    assert "no such output folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--html", str(tmp_path / "r.html")]) == 2
+    assert "no finished shard" in capsys.readouterr().err
+
+
+def test_report_opens_in_headless_chromium_with_every_image_rendered(tmp_path):
+    out = hand_made_output(tmp_path)
+    os.remove(tmp_path / "00001.tar")  # an input gone: kept images come from the output tar
+    page = tmp_path / "report.html"
+    assert main(["report", str(out), "--html", str(page)]) == 0
+    text = page.read_text()
+    assert "<script" not in text and "web <b>" not in text and "web &lt;b&gt;" in text  # escaped
+
+    with Chromium(tmp_path / "profile") as browser:
+        browser.open(page.as_uri())
+        found = browser.evaluate("""JSON.stringify({
+            sections: Array.from(document.querySelectorAll('section')).map(s => [s.id, s.querySelector('h2').textContent]),
+            images: Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0,
+                                                           w: i.naturalWidth})),
+            missing: Array.from(document.querySelectorAll('.noimg')).map(d => d.textContent),
+            cards: Object.fromEntries(Array.from(document.querySelectorAll('section')).map(
+                s => [s.id, s.querySelectorAll('.card').length])),
+            summary: document.querySelector('#summary table').innerText,
+        })""")
+        browser.screenshot(str(tmp_path / "report.png"))
+    found = json.loads(found)
+    assert [s[0] for s in found["sections"]] == ["summary", "shards", "errors", "scores",
+                                                 "web-kept", "rescued", "dropped", "borderline"]
+    assert found["images"] and all(i["ok"] for i in found["images"]), found["images"]
+    assert found["images"][0]["alt"] == "score histograms" and found["images"][0]["w"] > 500
+    # Shard 1's dropped image was only in its (removed) input tar: shown as missing, not broken.
+    assert len(found["missing"]) == 1 and "not found" in found["missing"][0]
+    assert found["cards"]["web-kept"] == 4 and found["cards"]["rescued"] == 2
+    assert found["cards"]["dropped"] == 2 and found["cards"]["borderline"] == 2
+    assert "10" in found["summary"] and "2 (20.0%)" in found["summary"]
+
+    # The pixels are there: each test colour fills a good patch of the screenshot.
+    shot = Image.open(tmp_path / "report.png").convert("RGB")
+    assert shot.height > 900  # the whole page, beyond the window
+    colours = shot.resize((shot.width // 4, shot.height // 4)).getcolors(1 << 20)
+    for name, rgb in COLOURS.items():
+        near = sum(n for n, c in colours if max(abs(a - b) for a, b in zip(c, rgb)) < 40)
+        assert near > 100, f"{name} thumbnails not visible in the screenshot"
+
+
+@pytest.mark.timeout(300)
+def test_report_of_a_real_run(tiny_models, tmp_path):
+    """capfilt run with tiny models, then capfilt report: totals as stats.json says, thumbnails."""
+    make_web_shards(tmp_path / "web", shards=2, per_shard=4)
+    out = tmp_path / "clean"
+    assert main(["run", "--config", "configs/tiny.yaml", "--input", str(tmp_path / "web"), "--output", str(out),
+                 "--no-progress", f"captioner.model={tiny_models[0]}", f"filter.model={tiny_models[1]}",
+                 "runtime.num_workers=1"]) == 0
+    assert main(["report", str(out), "--html", str(tmp_path / "r.html")]) == 0
+    data = build_report(str(out))
+    stats = json.load(open(out / "stats.json"))
+    assert {k: data.totals[k] for k in ("samples", "kept", "dropped", "error")} == \
+        {k: stats[k] for k in ("samples", "kept", "dropped", "error")}
+    shown = [r for rows in data.examples.values() for r in rows]
+    assert shown and all(r["_thumb"] for r in shown)
+    assert len(data.web_scores) == 8 and len(data.caption_scores) > 0
