@@ -122,7 +122,8 @@ def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
 def error_reason(error: str | None, key: str) -> str:
     """An error message with its shard, key and numbers taken out, to count errors by kind."""
     text = error or "unknown"
-    text = text.replace(key, "")
+    if key:
+        text = re.sub(re.escape(key) + r"(\.[\w.]+)?", "", text)  # the key, with its member extension
     text = re.sub(r"^\S+?: ", "", text)  # the shard URL that starts every message
     text = re.sub(r"'[^']*'|\"[^\"]*\"", "…", text)
     text = re.sub(r"<[^>]*>", "…", text)
