@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--examples", type=int, default=12, help="examples per grid")
     report.add_argument("--image-shards", type=int, default=4,
                         help="tars to stream for thumbnails (more only if a grid would be empty)")
+    report.add_argument("--config", help="YAML config, for its storage_options (object-store endpoints)")
+    report.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. storage_options={s3: {...}}")
     reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
 
     tiny = sub.add_parser("tiny-models", help="build tiny random BLIP checkpoints for offline tests")
@@ -150,13 +152,15 @@ def _inspect(args) -> int:
 
 
 def _report(args) -> int:
+    from capfilt.io.fs import configure_storage
     from capfilt.report import build_report, write_report
 
     try:
+        configure_storage(load_config(args.config, args.overrides).storage_options)
         data = build_report(args.path, max_shards=args.max_shards, examples=args.examples,
                             image_shards=args.image_shards)
         write_report(data, args.html)
-    except (ValueError, OSError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"capfilt: {exc}", file=sys.stderr)
         return 2
     t = data.totals

@@ -180,3 +180,18 @@ def test_run_json_on_s3_holds_no_credentials(s3, first_run, tiny_models):
         "s3": {"endpoint_url": s3["endpoint"], "key": "***", "secret": "***"}}
     stats = json.loads(get(s3["client"], "out/stats.json"))
     assert stats["shards_done"] == SHARDS and stats["timing"]["shards_processed"] == 0
+
+
+def test_report_reads_an_s3_output_and_its_s3_inputs(s3, first_run, tmp_path):
+    """capfilt report through fsspec: stats and parquet from the output bucket, thumbnails from
+    the input shards the stats name (s3://…/in/)."""
+    from capfilt.report import build_report
+
+    assert first_run["rc"] == 0
+    page = tmp_path / "report.html"
+    assert main(["report", OUTPUT, "--html", str(page), storage(s3["endpoint"])]) == 0
+    data = build_report(OUTPUT)  # the storage options the command set are still in force
+    assert data.totals["samples"] == SHARDS * PER_SHARD and data.totals["shards"] == SHARDS
+    shown = [r for rows in data.examples.values() for r in rows]
+    assert shown and all(r["_thumb"] for r in shown)
+    assert page.read_text().count("data:image/jpeg;base64,") >= len(shown)
