@@ -58,8 +58,9 @@ def _cross_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
     heads = self.num_attention_heads
     if id(self) not in shared.kv:
         # (images, heads, head_dim, states) and (images, heads, states, head_dim)
-        shared.kv[id(self)] = (_heads(self.key(shared.unique), heads).transpose(-1, -2),
-                               _heads(self.value(shared.unique), heads))
+        # Contiguous once here, or every decoding step's matmul copies them again.
+        shared.kv[id(self)] = (_heads(self.key(shared.unique), heads).transpose(-1, -2).contiguous(),
+                               _heads(self.value(shared.unique), heads).contiguous())
     keys_t, values = shared.kv[id(self)]
     rows, length, _ = hidden_states.shape
     images, width = keys_t.shape[0], shared.width
