@@ -2,6 +2,7 @@
 
     python -m pipelines.bench --shape base --images 16      # BLIP-base: ViT-B/16 at 384, BERT-base
     python -m pipelines.bench --shape small --images 32     # a few minutes on 2 CPU cores
+    python -m pipelines.bench --device cuda --images 2048 --batch-size 256   # on a GPU
 
 Models are BLIP-shaped with random weights (no hub offline). In one run it measures:
 1. naive: ``BlipForConditionalGeneration.generate(do_sample=True, num_return_sequences=N)`` per
@@ -85,15 +86,15 @@ def load_samples(paths: list[str]):
     return [s for p in paths for s in read_shard(p)]
 
 
-def naive(cap_path: str, itm_path: str, samples, batch: int, n: int) -> dict[str, Any]:
+def naive(cap_path: str, itm_path: str, samples, batch: int, n: int, device: str = "cpu") -> dict[str, Any]:
     """What a user writes with plain transformers: per-pair ITM re-encodes the image every time."""
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    captioner = BlipForConditionalGeneration.from_pretrained(cap_path).eval()
-    itm = BlipForImageTextRetrieval.from_pretrained(itm_path).eval()
+    captioner = BlipForConditionalGeneration.from_pretrained(cap_path).eval().to(device)
+    itm = BlipForImageTextRetrieval.from_pretrained(itm_path).eval().to(device)
     processor = BlipImageProcessorPil.from_pretrained(cap_path)
     tokenizer = AutoTokenizer.from_pretrained(cap_path)
     start = time.perf_counter()
@@ -101,8 +102,8 @@ def naive(cap_path: str, itm_path: str, samples, batch: int, n: int) -> dict[str
         for i in range(0, len(samples), batch):
             chunk = samples[i:i + batch]
             images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in chunk]
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-            prompt = tokenizer(["a picture of "] * len(chunk), return_tensors="pt")
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+            prompt = tokenizer(["a picture of "] * len(chunk), return_tensors="pt").to(device)
             out = captioner.generate(pixel_values=pixels, input_ids=prompt.input_ids,
                                      attention_mask=prompt.attention_mask, do_sample=True, top_p=0.9,
                                      max_length=20, min_length=5, repetition_penalty=1.1,
@@ -110,7 +111,7 @@ def naive(cap_path: str, itm_path: str, samples, batch: int, n: int) -> dict[str
             captions = tokenizer.batch_decode(out, skip_special_tokens=True)
             for j, sample in enumerate(chunk):
                 for text in [sample.web_text] + captions[j * n:(j + 1) * n]:
-                    tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt")
+                    tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt").to(device)
                     logits = itm(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                                  pixel_values=pixels[j:j + 1]).itm_score
                     torch.softmax(logits, dim=-1)[0, 1].item()
@@ -145,7 +146,8 @@ def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, A
     rc = main(["run", "--config", "configs/blip_base.yaml", "--input", inputs, "--output", out,
                "--mode", "overwrite", "--no-progress", f"captioner.model={cap}", f"filter.model={itm}",
                f"captioner.num_captions={args.num_captions}", f"runtime.batch_size={args.batch_size}",
-               f"runtime.dtype={dtype}", "runtime.device=cpu", "runtime.num_workers=1",
+               f"runtime.dtype={dtype}", f"runtime.device={args.device}", "runtime.num_workers=1",
+               f"runtime.gpus_per_worker={1 if args.device == 'cuda' else 0}",
                f"runtime.cpus_per_worker={args.threads}"])
     wall = time.perf_counter() - start
     stats = json.load(open(os.path.join(out, "stats.json")))
@@ -161,6 +163,41 @@ def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, A
             "images_per_s_wall": images / wall,
             "steady_seconds": round(last - first, 2), "images_per_s": images / (last - first),
             "worker_peak_rss_mb": stats["timing"]["worker_peak_rss_mb"], "output": out}
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (%) over a ``with`` block, sampled by ``nvidia-smi`` every 200 ms."""
+
+    def __init__(self, device: str):
+        self.device, self.process, self.mean = device, None, None
+
+    def __enter__(self) -> "GpuUtilisation":
+        import shutil
+        import subprocess
+
+        if self.device == "cuda" and shutil.which("nvidia-smi"):
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=10)
+        samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+        self.mean = sum(samples) / len(samples) if samples else None
+
+
+def measure(device: str, fn, *fn_args) -> dict[str, Any]:
+    with GpuUtilisation(device) as gpu:
+        result = fn(*fn_args)
+    if isinstance(result, tuple):
+        result = result[0]
+    if gpu.mean is not None:
+        result["gpu_utilisation_pct"] = round(gpu.mean, 1)
+    return result
 
 
 def agreement(out_a: str, out_b: str, threshold: float) -> dict[str, Any]:
@@ -189,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: all three on the GPU, and its utilisation sampled with nvidia-smi")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--repeats", type=int, default=2,
                         help="measure each of naive, model-only and end to end this many times, "
@@ -216,19 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes.split(","):
         config = load_config("configs/blip_base.yaml", [
             f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={args.num_captions}",
-            f"runtime.dtype={dtype}", "runtime.device=cpu"])
+            f"runtime.dtype={dtype}", f"runtime.device={args.device}"])
         runs: dict[str, list] = {"model_only": [], "end_to_end": []}
         for _ in range(args.repeats):
-            runs["model_only"].append(model_only(config, samples, args.batch_size)[0])
+            runs["model_only"].append(measure(args.device, model_only, config, samples, args.batch_size))
             print(f"model-only {dtype}:", runs["model_only"][-1], flush=True)
-            runs["end_to_end"].append(end_to_end(args, cap, itm, os.path.join(args.output, "shards"), dtype))
+            runs["end_to_end"].append(measure(args.device, end_to_end, args, cap, itm,
+                                              os.path.join(args.output, "shards"), dtype))
             print(f"end to end {dtype}:", runs["end_to_end"][-1], flush=True)
         result[f"model_only_{dtype}"] = best(runs["model_only"])
         result[f"end_to_end_{dtype}"] = best(runs["end_to_end"])
     if not args.skip_naive:
         runs_naive = []
         for _ in range(args.repeats):
-            runs_naive.append(naive(cap, itm, samples, args.batch_size, args.num_captions))
+            runs_naive.append(measure(args.device, naive, cap, itm, samples, args.batch_size,
+                                      args.num_captions, args.device))
             print("naive float32:", runs_naive[-1], flush=True)
         result["naive_float32"] = best(runs_naive)
     report(result, args)
@@ -258,6 +299,8 @@ def report(result: dict[str, Any], args) -> None:
                                                   result["end_to_end_bfloat16"]["output"], 0.5)
         print("  bfloat16 vs float32:", result["bfloat16_vs_float32"])
     result["ratios"] = ratios
+    for name in [k for k in result if isinstance(result[k], dict) and "gpu_utilisation_pct" in result[k]]:
+        print(f"  GPU utilisation, {name:<26} {result[name]['gpu_utilisation_pct']:5.1f}%")
     for name, value in ratios.items():
         print(f"  {name:<40} {value:6.2f}x")
 
