@@ -7,6 +7,7 @@
    (from scratch: there is no pretrained model offline; the filter starts from the captioner).
 3. Run ``capfilt run`` through Ray over the web split.
 4. Compare the result with the ground truth; print a table and write ``metrics.json``.
+5. Write the HTML report of the cleaned output (``capfilt report``) to ``report.html``.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print_table(metrics)
+    if capfilt(["report", f"{root}/clean_web", "--html", f"{root}/report.html"]) == 0:
+        print(f"demo: open {root}/report.html in a browser to look at what was kept and dropped")
     return rc
 
 
