@@ -25,10 +25,10 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from capfilt.io.fs import shard_name
+from capfilt.io.fs import unstrip
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
-from capfilt.io.writer import TIMING
+from capfilt.io.writer import TIMING, parquet_name, stats_name, tar_name
 
 BORDERLINE = 0.05
 COLUMNS = ["key", "status", "error", "web_text", "web_score", "web_kept", "captions", "caption_scores",
@@ -66,7 +66,7 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
     run = _read_json(fs, posixpath.join(root, "run.json")) or {}
     config = run.get("config", {})
     threshold = float(config.get("filter", {}).get("threshold", 0.5))
-    stats_paths = sorted(fs.glob(posixpath.join(root, "*_stats.json")))
+    stats_paths = sorted(fs.glob(posixpath.join(root, stats_name("*"))))
     if not stats_paths:
         raise FileNotFoundError(f"{output}: no finished shard (no *_stats.json): is it a capfilt output?")
     shards = [dict(json.loads(data), _name=_stats_shard(path))
@@ -79,7 +79,7 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
     picked = [shards[int(i * step)] for i in range(min(max_shards, len(shards)))]
     rows: list[dict[str, Any]] = []
     for shard in picked:
-        path = posixpath.join(root, shard["_name"] + ".parquet")
+        path = posixpath.join(root, parquet_name(shard["_name"]))
         for row in _parquet_rows(fs, path):
             row["_shard"] = shard["_name"]
             rows.append(row)
@@ -100,7 +100,7 @@ def _read_json(fs, path: str) -> dict[str, Any] | None:
 
 
 def _stats_shard(path: str) -> str:
-    return posixpath.basename(path)[: -len("_stats.json")]
+    return posixpath.basename(path)[: -len(stats_name(""))]
 
 
 def _parquet_rows(fs, path: str) -> list[dict[str, Any]]:
@@ -169,7 +169,7 @@ def _attach_thumbnails(fs, root: str, examples, inputs: dict[str, str | None], m
             wanted.setdefault(row["_shard"], {}).setdefault(row["key"], []).append(row)
     for shard, by_key in wanted.items():
         found: dict[str, bytes] = {}
-        sources = [inputs.get(shard), _unstrip(fs, posixpath.join(root, shard + ".tar"))]
+        sources = [inputs.get(shard), unstrip(fs, posixpath.join(root, tar_name(shard)))]
         reasons = []
         for source in (s for s in sources if s):
             missing = set(by_key) - set(found)
@@ -195,10 +195,6 @@ def _attach_thumbnails(fs, root: str, examples, inputs: dict[str, str | None], m
                 error = "image not found in " + (" or ".join(s for s in sources if s) if not reasons else "; ".join(reasons))
             for row in rows:
                 row["_thumb"], row["_thumb_error"] = thumb, error
-
-
-def _unstrip(fs, path: str) -> str:
-    return path if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(path)
 
 
 def thumbnail(data: bytes, max_pixels: int, size: int = 192) -> str:

@@ -119,7 +119,7 @@ def naive(cap_path: str, itm_path: str, samples, batch: int, n: int, device: str
     return {"images": len(samples), "seconds": round(seconds, 2), "images_per_s": len(samples) / seconds}
 
 
-def model_only(config, samples, batch: int) -> tuple[dict[str, Any], list]:
+def model_only(config, samples, batch: int) -> dict[str, Any]:
     """capfilt's model calls on pre-decoded, preprocessed tensors: no I/O, no Ray."""
     from capfilt.models.captioner import batch_seed
     from capfilt.step import CapFiltStep
@@ -134,8 +134,7 @@ def model_only(config, samples, batch: int) -> tuple[dict[str, Any], list]:
         for s, pixels in zip(chunk, keep):
             s.pixels = pixels
     seconds = time.perf_counter() - start
-    return {"images": len(samples), "seconds": round(seconds, 2),
-            "images_per_s": len(samples) / seconds}, prepared
+    return {"images": len(samples), "seconds": round(seconds, 2), "images_per_s": len(samples) / seconds}
 
 
 def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, Any]:
@@ -193,8 +192,6 @@ class GpuUtilisation:
 def measure(device: str, fn, *fn_args) -> dict[str, Any]:
     with GpuUtilisation(device) as gpu:
         result = fn(*fn_args)
-    if isinstance(result, tuple):
-        result = result[0]
     if gpu.mean is not None:
         result["gpu_utilisation_pct"] = round(gpu.mean, 1)
     return result

@@ -60,7 +60,7 @@ def _expand_one(pattern: str, suffixes: tuple[str, ...]) -> list[str]:
         matches = sorted(fs.glob(path))
         if not matches:
             raise FileNotFoundError(f"input pattern {pattern!r} matched no file")
-        return [_unstrip(fs, m) for m in matches]
+        return [unstrip(fs, m) for m in matches]
     if fs.isdir(path):
         # The folder's own shards only, as img2dataset writes them: not subfolders
         # (an output folder inside it) and not hidden temporaries.
@@ -68,7 +68,7 @@ def _expand_one(pattern: str, suffixes: tuple[str, ...]) -> list[str]:
                          if p.endswith(suffixes) and not posixpath.basename(p).startswith("."))
         if not matches:
             raise FileNotFoundError(f"input folder {pattern!r} holds no shard ({', '.join(suffixes)})")
-        return [_unstrip(fs, m) for m in matches]
+        return [unstrip(fs, m) for m in matches]
     return [pattern]
 
 
@@ -76,7 +76,7 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return fs.protocol in ("file", ("file", "local"))
 
 
-def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Give a path listed by ``fs`` back its protocol, so it can be opened anywhere."""
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 

@@ -35,7 +35,6 @@ from typing import Any
 class _Shared:
     repeated: Any  # the tensor handed to the model as encoder_hidden_states
     unique: Any  # one row per image
-    index: Any  # row -> image
     width: int  # the most rows any image has
     slots: Any  # row -> image * width + its place among the image's rows; None if all have width
     kv: dict = field(default_factory=dict)  # layer -> (keys, values) of the unique images
@@ -125,7 +124,7 @@ def repeated_states(layers: list, unique, index) -> Iterator:
         starts = torch.cumsum(counts, 0) - counts
         slots = index * width + torch.arange(index.numel(), device=index.device) - starts[index]
     repeated = unique.index_select(0, index)
-    shared = _Shared(repeated, unique, index, width, slots)
+    shared = _Shared(repeated, unique, width, slots)
     for layer in layers:
         layer._capfilt_shared = shared
     try:

@@ -140,8 +140,8 @@ class RayExecutor:
         else:
             # Ray starts workers at nice 15, so that any of its daemons, or the driver, takes
             # a core from a worker at once; with the model's threads meeting at barriers, one
-            # delayed thread stalls all of them (the models ran ~15% slower in the worker
-            # than in a plain process). A worker here does the run's work: normal priority.
+            # delayed thread stalls all of them. A worker here does the run's work: normal
+            # priority (BENCHMARKS.md: this machine's drift hid how much that is worth).
             ray.init(address="local", num_cpus=rt.num_workers * rt.cpus_per_worker + 1,
                      include_dashboard=False, _node_ip_address="127.0.0.1",
                      log_to_driver=True, _system_config={"worker_niceness": 0})
