@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--examples", type=int, default=12, help="examples per grid")
     report.add_argument("--image-shards", type=int, default=4,
                         help="tars to stream for thumbnails (more only if a grid would be empty)")
-    report.add_argument("--config", help="YAML config, for its storage_options (object-store endpoints)")
+    report.add_argument("--config", help="YAML config, for its storage_options and reader.max_image_pixels")
     report.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. storage_options={s3: {...}}")
     reshard.add_arguments(sub.add_parser("reshard", help="repack cleaned shards to a target size"))
 
@@ -156,9 +156,10 @@ def _report(args) -> int:
     from capfilt.report import build_report, write_report
 
     try:
-        configure_storage(load_config(args.config, args.overrides).storage_options)
+        config = load_config(args.config, args.overrides)
+        configure_storage(config.storage_options)
         data = build_report(args.path, max_shards=args.max_shards, examples=args.examples,
-                            image_shards=args.image_shards)
+                            image_shards=args.image_shards, max_pixels=config.reader.max_image_pixels)
         write_report(data, args.html)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"capfilt: {exc}", file=sys.stderr)
