@@ -59,24 +59,78 @@ def test_captioner_gives_num_captions_per_image_with_prompt_stripped(captioner):
     pv = pixels(captioner.image_processor)
     captions = captioner(pv, seed=123)
     assert [len(c) for c in captions] == [4, 4, 4]
-    # Same sampling, done directly with transformers: the output starts with the prompt,
-    # and our captions are exactly what follows it.
-    tok = captioner.tokenizer
-    prompt = tok(captioner.cfg.prompt, return_tensors="pt").input_ids.repeat(3, 1)
-    torch.manual_seed(123)
+    assert all(c and not c.startswith("a picture of") for image_caps in captions for c in image_caps)
+
+
+def test_captioner_decodes_as_transformers_generate(tiny_models, captioner):
+    """With top_k=1 the sampler has one candidate, so the captions must be exactly what
+    ``generate`` gives greedily: the prompt, the shared image keys and values, the
+    repetition penalty, min and max length, the end token and the prompt stripping all
+    as transformers does them."""
+    greedy = Captioner(CaptionerConfig(model=tiny_models[0], num_captions=2, top_k=1), "cpu", "float32")
+    pv = pixels(greedy.image_processor)
+    captions = greedy(pv, seed=5)
+    tok = greedy.tokenizer
+    prompt = tok(greedy.cfg.prompt, return_tensors="pt").input_ids.repeat(6, 1)
     with torch.no_grad():
-        out = captioner.model.generate(
-            pixel_values=pv, input_ids=prompt.clone(), attention_mask=torch.ones_like(prompt),
-            do_sample=True, top_p=0.9, top_k=50, temperature=1.0, max_length=20, min_length=5,
-            repetition_penalty=1.1, num_return_sequences=4)
+        out = greedy.model.generate(
+            pixel_values=pv.repeat_interleave(2, 0), input_ids=prompt.clone(),
+            attention_mask=torch.ones_like(prompt), do_sample=False, max_length=20, min_length=5,
+            repetition_penalty=1.1)
     full = tok.batch_decode(out, skip_special_tokens=True)
     assert all(t.startswith("a picture of") for t in full)
-    flat = [c for image_caps in captions for c in image_caps]
-    for text, caption in zip(full, flat):
-        assert not caption.startswith("a picture of")
-        assert text.replace("a picture of", "", 1).strip() == caption
+    expected = [t.replace("a picture of", "", 1).strip() for t in full]
+    assert [c for image_caps in captions for c in image_caps] == expected
     # max_length counts the prompt: at most 20 tokens in all.
     assert out.shape[1] <= 20
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(50, 0.9, 1.0), (5, 0.5, 0.7), (0, 0.95, 1.3), (3, 1.0, 1.0)])
+def test_nucleus_sampler_keeps_transformers_distribution(top_k, top_p, temperature):
+    """The sampler's probabilities equal softmax(TopP(TopK(Temperature(scores)))) as
+    transformers computes them for generate(do_sample=True), ties with the k-th kept."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    from capfilt.models.sampling import NucleusSampler
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 3000, generator=gen) * 3
+    scores[1] = scores[1].to(torch.bfloat16).float()  # a bf16 model's logits: many ties
+    scores[2, :100] = scores[2].max()  # more ties at the k-th score than the sampler's slack
+    warped = scores
+    for warper in [TemperatureLogitsWarper(temperature) if temperature != 1.0 else None,
+                   TopKLogitsWarper(top_k) if top_k else None,
+                   TopPLogitsWarper(top_p) if top_p < 1.0 else None]:
+        warped = warper(None, warped) if warper else warped
+    expected = warped.softmax(-1)
+
+    sampler = NucleusSampler(top_p, top_k, temperature, gen)
+    probs, ids = sampler.candidates(scores)
+    got = torch.zeros_like(scores).scatter_(1, ids, probs)
+    # Where transformers' sort puts tied scores on both sides of the top-p cut, the two
+    # keep different members of the tie: compare the probability of each score value.
+    for row in range(scores.shape[0]):
+        for value in scores[row].unique():
+            same = scores[row] == value
+            assert got[row][same].sum().item() == pytest.approx(expected[row][same].sum().item(), abs=1e-5)
+    # What the sampler draws is always a candidate, left the only finite score.
+    drawn = sampler(None, scores)
+    assert (torch.isfinite(drawn).sum(-1) == 1).all()
+    assert (expected.gather(1, drawn.argmax(-1, keepdim=True)) > 0).all()
+
+
+def test_nucleus_sampler_draws_in_proportion():
+    from capfilt.models.sampling import NucleusSampler
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    sampler = NucleusSampler(0.9, 50, 1.0, torch.Generator().manual_seed(1))
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[sampler(None, scores).argmax()] += 1
+    # top_p 0.9 keeps 0.5 + 0.3 + 0.15; renormalised: 0.526, 0.316, 0.158; never the last
+    assert counts[3] == 0
+    assert (counts[:3] / 4000).tolist() == pytest.approx([0.526, 0.316, 0.158], abs=0.03)
 
 
 def test_captions_are_reproducible_for_a_seed(captioner):

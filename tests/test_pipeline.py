@@ -43,7 +43,7 @@ def read_inputs(paths):
     """{key: {ext: bytes}} of the input tars."""
     samples = {}
     for path in paths:
-        for s in wds.WebDataset(path, shardshuffle=False):
+        for s in wds.WebDataset(path, shardshuffle=False, empty_check=False):
             samples[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
     return samples
 

@@ -7,6 +7,7 @@ import hashlib
 from capfilt.config import CaptionerConfig
 from capfilt.models import shared_kv
 from capfilt.models.loading import load_blip
+from capfilt.models.sampling import NucleusSampler
 
 
 def batch_seed(seed: int, *parts: object) -> int:
@@ -35,6 +36,7 @@ class Captioner:
     def __call__(self, pixel_values, seed: int) -> list[list[str]]:
         """``num_captions`` captions for each image of the batch, prompt stripped."""
         import torch
+        from transformers import LogitsProcessorList
 
         n = self.cfg.num_captions
         batch = pixel_values.shape[0]
@@ -42,12 +44,14 @@ class Captioner:
             return [[] for _ in range(batch)]
         text_config = self.model.config.text_config
         # BlipForConditionalGeneration.generate, with the N samples of each image laid out as
-        # its num_return_sequences does (image-major), so the random draws are the same; the
-        # image is encoded once, and its cross-attention keys and values projected once.
+        # its num_return_sequences does (image-major); the image is encoded once, and its
+        # cross-attention keys and values projected once. Sampling is NucleusSampler's, on
+        # top of a greedy generate (sampling.py says why).
         input_ids = self.prompt_ids.repeat(batch * n, 1).to(self.device)
         input_ids[:, 0] = text_config.bos_token_id
         input_ids = input_ids[:, :-1]  # generate() drops the prompt's [SEP]
-        torch.manual_seed(seed)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        sampler = NucleusSampler(self.cfg.top_p, self.cfg.top_k, self.cfg.temperature, generator)
         with torch.inference_mode():
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
             index = torch.arange(batch, device=image_embeds.device).repeat_interleave(n)
@@ -60,10 +64,9 @@ class Captioner:
                                                       device=states.device),
                     eos_token_id=text_config.sep_token_id,
                     pad_token_id=text_config.pad_token_id,
-                    do_sample=True,
-                    top_p=self.cfg.top_p,
-                    top_k=self.cfg.top_k,
-                    temperature=self.cfg.temperature,
+                    do_sample=False,
+                    num_beams=1,
+                    logits_processor=LogitsProcessorList([sampler]),
                     max_length=self.cfg.max_length,
                     min_length=self.cfg.min_length,
                     repetition_penalty=self.cfg.repetition_penalty,
