@@ -159,6 +159,9 @@ class RuntimeConfig:
     max_task_retries: int = 3
     # Attempts per shard when processing it raises (a bad tar, a missing file).
     shard_attempts: int = 2
+    # Workers keep freed memory for the next batch instead of returning it to the OS
+    # (glibc; capfilt/runtime/memory.py): no page faults on every layer's activations.
+    retain_freed_memory: bool = True
 
 
 @dataclass

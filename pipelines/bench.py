@@ -86,7 +86,7 @@ def load_samples(paths: list[str]):
     return [s for p in paths for s in read_shard(p)]
 
 
-def naive(cap_path: str, itm_path: str, samples, batch: int, n: int, device: str = "cpu") -> dict[str, Any]:
+def naive(cap_path: str, itm_path: str, paths: list[str], batch: int, n: int, device: str = "cpu") -> dict[str, Any]:
     """What a user writes with plain transformers: per-pair ITM re-encodes the image every time."""
     import torch
     from PIL import Image
@@ -97,6 +97,7 @@ def naive(cap_path: str, itm_path: str, samples, batch: int, n: int, device: str
     itm = BlipForImageTextRetrieval.from_pretrained(itm_path).eval().to(device)
     processor = BlipImageProcessorPil.from_pretrained(cap_path)
     tokenizer = AutoTokenizer.from_pretrained(cap_path)
+    samples = load_samples(paths)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(samples), batch):
@@ -119,13 +120,16 @@ def naive(cap_path: str, itm_path: str, samples, batch: int, n: int, device: str
     return {"images": len(samples), "seconds": round(seconds, 2), "images_per_s": len(samples) / seconds}
 
 
-def model_only(config, samples, batch: int) -> dict[str, Any]:
+def model_only(config, paths: list[str], batch: int) -> dict[str, Any]:
     """capfilt's model calls on pre-decoded, preprocessed tensors: no I/O, no Ray."""
     from capfilt.models.captioner import batch_seed
+    from capfilt.runtime.memory import retain_freed_memory
     from capfilt.step import CapFiltStep
 
+    if config.runtime.retain_freed_memory:  # as a capfilt worker does
+        retain_freed_memory()
     step = CapFiltStep(config)
-    prepared = [step.prepare(s) for s in samples]
+    prepared = [step.prepare(s) for s in load_samples(paths)]
     start = time.perf_counter()
     for index in range(0, len(prepared), batch):
         chunk = prepared[index:index + batch]
@@ -134,7 +138,7 @@ def model_only(config, samples, batch: int) -> dict[str, Any]:
         for s, pixels in zip(chunk, keep):
             s.pixels = pixels
     seconds = time.perf_counter() - start
-    return {"images": len(samples), "seconds": round(seconds, 2), "images_per_s": len(samples) / seconds}
+    return {"images": len(prepared), "seconds": round(seconds, 2), "images_per_s": len(prepared) / seconds}
 
 
 def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, Any]:
@@ -189,9 +193,25 @@ class GpuUtilisation:
         self.mean = sum(samples) / len(samples) if samples else None
 
 
-def measure(device: str, fn, *fn_args) -> dict[str, Any]:
+def _child_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def isolated(threads: int, fn, *fn_args):
+    """``fn(*fn_args)`` in a fresh Python process, as a user's script or a capfilt worker
+    runs: nothing warmed up or set process-wide by another measurement carries over."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, _child_init, (threads,)) as pool:
+        return pool.apply(fn, fn_args)
+
+
+def measure(device: str, threads: int, fn, *fn_args) -> dict[str, Any]:
     with GpuUtilisation(device) as gpu:
-        result = fn(*fn_args)
+        # end to end starts its own worker processes; the other two get one each
+        result = fn(*fn_args) if fn is end_to_end else isolated(threads, fn, *fn_args)
     if gpu.mean is not None:
         result["gpu_utilisation_pct"] = round(gpu.mean, 1)
     return result
@@ -239,13 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cap, itm = build_models(os.path.join(args.output, f"models_{args.shape}"), args.shape)
     paths = write_shards(os.path.join(args.output, "shards"), args.images, args.shards)
-    samples = load_samples(paths)
     result: dict[str, Any] = {"shape": args.shape, "images": args.images, "num_captions": args.num_captions,
                               "batch_size": args.batch_size, "threads": args.threads,
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
-    # capfilt first, naive last: each measurement then starts as cold as the Ray worker does
-    # (oneDNN and the allocator warm up per process and shape). Each is repeated and the
-    # fastest kept, so that a slow spell of the machine does not decide a ratio.
+    # Each measurement runs in a fresh process, as cold as a Ray worker starts (oneDNN and the
+    # allocator warm up per process and shape). Each is repeated and the fastest kept, so
+    # that a slow spell of the machine does not decide a ratio.
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return dict(max(runs, key=lambda r: r["images_per_s"]), all_images_per_s=[r["images_per_s"] for r in runs])
 
@@ -255,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             f"runtime.dtype={dtype}", f"runtime.device={args.device}"])
         runs: dict[str, list] = {"model_only": [], "end_to_end": []}
         for _ in range(args.repeats):
-            runs["model_only"].append(measure(args.device, model_only, config, samples, args.batch_size))
+            runs["model_only"].append(measure(args.device, args.threads, model_only, config, paths, args.batch_size))
             print(f"model-only {dtype}:", runs["model_only"][-1], flush=True)
-            runs["end_to_end"].append(measure(args.device, end_to_end, args, cap, itm,
+            runs["end_to_end"].append(measure(args.device, args.threads, end_to_end, args, cap, itm,
                                               os.path.join(args.output, "shards"), dtype))
             print(f"end to end {dtype}:", runs["end_to_end"][-1], flush=True)
         result[f"model_only_{dtype}"] = best(runs["model_only"])
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_naive:
         runs_naive = []
         for _ in range(args.repeats):
-            runs_naive.append(measure(args.device, naive, cap, itm, samples, args.batch_size,
+            runs_naive.append(measure(args.device, args.threads, naive, cap, itm, paths, args.batch_size,
                                       args.num_captions, args.device))
             print("naive float32:", runs_naive[-1], flush=True)
         result["naive_float32"] = best(runs_naive)

@@ -62,10 +62,15 @@ def import_ray(local: bool):
 class _Worker:
     """Ray actor body: builds the step once, then processes whole shards."""
 
-    def __init__(self, step_factory: StepFactory, progress_name: str, cpus: int):
+    def __init__(self, step_factory: StepFactory, progress_name: str, cpus: int,
+                 retain_memory: bool = False):
         import ray
         import torch
 
+        if retain_memory:
+            from capfilt.runtime.memory import retain_freed_memory
+
+            retain_freed_memory()
         torch.set_num_threads(max(1, cpus))
         self.step = step_factory()
         # Looked up by name: an actor handle as a constructor argument would pin it
@@ -153,7 +158,8 @@ class RayExecutor:
             num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
             max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries,
         )
-        return actor_cls.remote(self.step_factory, progress_name, rt.cpus_per_worker)
+        return actor_cls.remote(self.step_factory, progress_name, rt.cpus_per_worker,
+                                rt.retain_freed_memory)
 
     def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
         rt = self.runtime

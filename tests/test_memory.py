@@ -1,0 +1,37 @@
+"""Workers keep freed memory for reuse: a second batch does not page-fault its activations in again."""
+
+import subprocess
+import sys
+import textwrap
+
+PROBE = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from capfilt.runtime.memory import retain_freed_memory
+
+    if sys.argv[1] == "retain":
+        assert retain_freed_memory()
+
+    def faults_of_one_batch():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        activations = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, over glibc's mmap threshold
+        del activations
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    for _ in range(6):  # the first batches grow the heap either way
+        faults_of_one_batch()
+    print(min(faults_of_one_batch() for _ in range(4)))
+""")
+
+
+def faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def test_retained_memory_is_reused_without_page_faults():
+    pages = (64 << 20) // 4096
+    # glibc's default: every 64 MB block is a fresh mmap, faulted in page by page
+    assert faults("default") > pages // 2
+    # retained: the next block reuses the heap the first one grew
+    assert faults("retain") < pages // 20
