@@ -203,9 +203,10 @@ def isolated(threads: int, fn, *fn_args):
     """``fn(*fn_args)`` in a fresh Python process, as a user's script or a capfilt worker
     runs: nothing warmed up or set process-wide by another measurement carries over."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    with multiprocessing.get_context("spawn").Pool(1, _child_init, (threads,)) as pool:
-        return pool.apply(fn, fn_args)
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), _child_init, (threads,)) as pool:
+        return pool.submit(fn, *fn_args).result()
 
 
 def measure(device: str, threads: int, fn, *fn_args) -> dict[str, Any]:
