@@ -4,8 +4,9 @@ A BLIP-base batch allocates activations of tens of megabytes per layer (16 image
 tokens x 3072 x 4 bytes is 113 MB). glibc serves every block over its mmap threshold
 (at most 32 MB) with a fresh ``mmap`` and returns it with ``munmap`` when freed, so every
 layer of every batch page-faults its activations in again and the kernel zeroes them:
-on the 2-core benchmark machine that was 8% of a worker's time (BENCHMARKS.md). With
-mmap off and the heap never trimmed, a freed block is reused by the next batch.
+on the 2-core benchmark machine that was 3-6 s of system time per 16 BLIP-base images, and
+up to 7% of the wall time (BENCHMARKS.md). With mmap off and the heap never trimmed, a
+freed block is reused by the next layer and the next batch.
 
 The cost is that the worker's resident memory stays at its peak, which a worker holding
 its models for the whole run reaches within its first batch anyway.
