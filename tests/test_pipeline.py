@@ -216,6 +216,18 @@ def test_overwrite_mode_redoes_the_output_with_the_new_config(first_run, tiny_mo
     assert json.loads((out / "run.json").read_text())["config"]["filter"]["threshold"] == 0.0
 
 
+def test_worker_runs_no_more_torch_threads_than_cores(first_run, tiny_models, tmp_path):
+    # tiny.yaml asks for one CPU per worker; a config written for a bigger machine asks for
+    # more than this one has: Ray's CPUs are logical, the worker's threads must not be.
+    stats = json.loads((first_run["out"] / "00000_stats.json").read_text())
+    assert stats["timing"]["worker_threads"] == 1
+    out = tmp_path / "out"
+    assert main(run_args(tiny_models, [first_run["paths"][0]], out, first_run["threshold"],
+                         "runtime.cpus_per_worker=64")) == 0
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["timing"]["worker_threads"] == min(64, len(os.sched_getaffinity(0)))
+
+
 def test_unknown_override_is_a_config_error(first_run, tiny_models, capsys):
     rc = main(run_args(tiny_models, [str(first_run["root"] / "in")], first_run["out"], 0.5,
                        "filter.treshold=0.3"))

@@ -59,6 +59,22 @@ def import_ray(local: bool):
     return ray
 
 
+def worker_threads(cpus: int) -> int:
+    """Torch threads for a worker of ``cpus`` Ray CPUs: never more than the cores it may run on.
+
+    Ray's CPUs are logical, so a config written for a bigger machine (blip_large.yaml asks for
+    4) can land on a smaller one; more compute threads than cores, meeting at a barrier after
+    every operation, run far slower than one per core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if cpus > cores:
+        log.warning("runtime.cpus_per_worker is %d but this node has %d cores: %d torch threads",
+                    cpus, cores, cores)
+    return max(1, min(cpus, cores))
+
+
 class _Worker:
     """Ray actor body: builds the step once, then processes whole shards."""
 
@@ -71,7 +87,7 @@ class _Worker:
             from capfilt.runtime.memory import retain_freed_memory
 
             retain_freed_memory()
-        torch.set_num_threads(max(1, cpus))
+        torch.set_num_threads(worker_threads(cpus))
         self.step = step_factory()
         # Looked up by name: an actor handle as a constructor argument would pin it
         # in the object store, which actor restarts then depend on.
@@ -95,7 +111,10 @@ class _Worker:
 
         import ray
 
-        worker = {"worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id()}
+        import torch
+
+        worker = {"worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id(),
+                  "worker_threads": torch.get_num_threads()}
         stats = self.step.run(task, report, worker)
         self.progress.update.remote(task.name, {k: v for k, v in stats.items() if isinstance(v, int)})
         return stats
