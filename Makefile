@@ -40,7 +40,7 @@ test: install browser
 demo: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.demo --output demo_output
 
-# BLIP-base shape by default (about 16 minutes on 2 cores); `make bench BENCH_ARGS="--shape small"`
+# BLIP-base shape by default (about 18 minutes on 2 cores); `make bench BENCH_ARGS="--shape small"`
 # takes a few minutes.
 BENCH_ARGS ?= --shape base
 bench: install

@@ -164,6 +164,12 @@ class RuntimeConfig:
     retain_freed_memory: bool = True
 
 
+# Raised when capfilt itself makes different output from the same config, so that a run is
+# not resumed into a folder of the older output. 2: captions drawn by NucleusSampler
+# (capfilt/models/sampling.py) instead of transformers' sampling.
+OUTPUT_REVISION = 2
+
+
 @dataclass
 class Config:
     input: Union[str, list[str], None] = None
@@ -185,6 +191,7 @@ class Config:
         """Hash of everything that changes the output (not input, output or runtime placement)."""
         d = self.to_dict()
         relevant = {k: d[k] for k in ("captioner", "filter", "reader", "writer")}
+        relevant["output_revision"] = OUTPUT_REVISION
         relevant["seed"] = d["runtime"]["seed"]
         relevant["dtype"] = d["runtime"]["dtype"]
         blob = json.dumps(relevant, sort_keys=True).encode()
