@@ -127,7 +127,8 @@ def _check_compatible(out: OutputDir, config: Config, mode: str) -> None:
     previous = json.loads(out.read_text(RUN_FILE))
     if previous.get("fingerprint") != config.fingerprint():
         raise RunRefused(
-            f"{out.url} holds output made with a different config "
+            f"{out.url} holds output made with a different config, or by a capfilt version "
+            f"that makes other output from it "
             f"(fingerprint {previous.get('fingerprint')} != {config.fingerprint()}); "
             "use another output folder, or --mode overwrite to redo it"
         )
