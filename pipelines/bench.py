@@ -121,14 +121,13 @@ def naive(cap_path: str, itm_path: str, paths: list[str], batch: int, n: int, de
     return timed(device, len(samples), loop)
 
 
-def model_only(config, paths: list[str], batch: int) -> dict[str, Any]:
+def model_only(config, paths: list[str], batch: int, threads: int) -> dict[str, Any]:
     """capfilt's model calls on pre-decoded, preprocessed tensors: no I/O, no Ray."""
     from capfilt.models.captioner import batch_seed
-    from capfilt.runtime.memory import retain_freed_memory
+    from capfilt.runtime.executor import configure_worker_process
     from capfilt.step import CapFiltStep
 
-    if config.runtime.retain_freed_memory:  # as a capfilt worker does
-        retain_freed_memory()
+    configure_worker_process(threads, config.runtime.retain_freed_memory)  # as a Ray worker
     step = CapFiltStep(config)
     prepared = [step.prepare(s) for s in load_samples(paths)]
 
@@ -294,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             f"runtime.dtype={dtype}", f"runtime.device={args.device}"])
         runs: dict[str, list] = {"model_only": [], "end_to_end": []}
         for _ in range(args.repeats):
-            runs["model_only"].append(measure(args.device, args.threads, model_only, config, paths, args.batch_size))
+            runs["model_only"].append(measure(args.device, args.threads, model_only, config, paths,
+                                              args.batch_size, args.threads))
             print(f"model-only {dtype}:", runs["model_only"][-1], flush=True)
             runs["end_to_end"].append(measure(args.device, args.threads, end_to_end, args, cap, itm,
                                               os.path.join(args.output, "shards"), dtype))

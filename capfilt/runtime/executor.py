@@ -75,19 +75,26 @@ def worker_threads(cpus: int) -> int:
     return max(1, min(cpus, cores))
 
 
+def configure_worker_process(cpus: int, retain_memory: bool) -> int:
+    """Set up a process that runs the models as a worker does; return its torch threads."""
+    import torch
+
+    if retain_memory:
+        from capfilt.runtime.memory import retain_freed_memory
+
+        retain_freed_memory()
+    torch.set_num_threads(worker_threads(cpus))
+    return torch.get_num_threads()
+
+
 class _Worker:
     """Ray actor body: builds the step once, then processes whole shards."""
 
     def __init__(self, step_factory: StepFactory, progress_name: str, cpus: int,
-                 retain_memory: bool = False):
+                 retain_memory: bool):
         import ray
-        import torch
 
-        if retain_memory:
-            from capfilt.runtime.memory import retain_freed_memory
-
-            retain_freed_memory()
-        torch.set_num_threads(worker_threads(cpus))
+        self.threads = configure_worker_process(cpus, retain_memory)
         self.step = step_factory()
         # Looked up by name: an actor handle as a constructor argument would pin it
         # in the object store, which actor restarts then depend on.
@@ -111,10 +118,8 @@ class _Worker:
 
         import ray
 
-        import torch
-
         worker = {"worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id(),
-                  "worker_threads": torch.get_num_threads()}
+                  "worker_threads": self.threads}
         stats = self.step.run(task, report, worker)
         self.progress.update.remote(task.name, {k: v for k, v in stats.items() if isinstance(v, int)})
         return stats
