@@ -1,7 +1,8 @@
 """Typed configuration: YAML values, dotted overrides, validation at start-up.
 
-YAML files hold values only; the dataclasses below give them their shape.
-Unknown keys and bad values raise ``ConfigError`` naming the dotted key.
+YAML files hold values only; the dataclasses below give them their shape, and each
+field's bounds sit on its own type (pydantic validates them). Unknown keys and bad
+values raise ``ConfigError`` naming the dotted key.
 """
 
 from __future__ import annotations
@@ -9,55 +10,98 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from dataclasses import field
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value."""
 
 
-@dataclass
+# Strict: a bool is not an int, a number is not a str, nothing is parsed out of a str
+# (but see Float). Unknown keys are errors.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _widen_float(value: Any) -> Any:
+    """An int is a float; so is a str YAML 1.1 leaves unparsed, such as ``1e-5`` (no dot)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # refused below as not a number
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_widen_float)]
+UnitInterval = Annotated[Float, Field(ge=0.0, le=1.0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0.0)]
+PositiveFloat = Annotated[Float, Field(gt=0.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+# A text is at least its [CLS]-like first token and [SEP].
+TextTokens = Annotated[int, Field(ge=2)]
+# Ray's retry counts: -1 is "without limit".
+RayRetries = Annotated[int, Field(ge=-1)]
+
+# reader.max_image_pixels' default, also the limit where no config is at hand.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+@dataclass(config=STRICT)
 class CaptionerConfig:
     model: str = "Salesforce/blip-image-captioning-large"
     revision: str = "main"
     prompt: str = "a picture of "
-    num_captions: int = 5
-    top_p: float = 0.9
+    num_captions: Annotated[int, Field(ge=0, le=1_000)] = 5
+    top_p: UnitInterval = 0.9
     # BLIP inherits transformers' default top_k of 50 in its nucleus branch.
-    top_k: int = 50
-    temperature: float = 1.0
+    top_k: NonNegativeInt = 50
+    temperature: PositiveFloat = 1.0  # sampling: the logits are divided by it
     # Counted in tokens with the prompt included, as BLIP counts them.
-    max_length: int = 20
-    min_length: int = 5
-    repetition_penalty: float = 1.1
+    max_length: PositiveInt = 20
+    min_length: NonNegativeInt = 5
+    repetition_penalty: PositiveFloat = 1.1
+
+    @field_validator("min_length")
+    @classmethod
+    def _min_length_within_max_length(cls, value: int, info: ValidationInfo) -> int:
+        longest = info.data.get("max_length")  # absent when max_length itself is bad
+        if longest is not None and value > longest:
+            raise PydanticCustomError("min_over_max", "exceeds max_length ({max_length})",
+                                      {"max_length": longest})
+        return value
 
 
-@dataclass
+@dataclass(config=STRICT)
 class FilterConfig:
     model: str = "Salesforce/blip-itm-large-coco"
     revision: str = "main"
-    threshold: float = 0.5
+    threshold: UnitInterval = 0.5
     # BLIP's ITM pads or truncates text to 35 tokens.
-    max_text_tokens: int = 35
+    max_text_tokens: TextTokens = 35
     # How the output .txt is chosen among the kept texts.
     selection: Literal["best_score", "prefer_web"] = "best_score"
 
 
-@dataclass
+@dataclass(config=STRICT)
 class ReaderConfig:
     # Images with more pixels than this are errors, not decoded (decompression bombs).
-    max_image_pixels: int = 50_000_000
+    # The bound is PIL's: it refuses outright above twice its own MAX_IMAGE_PIXELS default.
+    max_image_pixels: Annotated[int, Field(ge=1, le=178_956_970)] = MAX_IMAGE_PIXELS
     # A tar member larger than this is not read into memory; its sample becomes an error.
-    max_member_bytes: int = 64 * 1024 * 1024
+    max_member_bytes: PositiveInt = 64 * 1024 * 1024
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
 
 
-@dataclass
+@dataclass(config=STRICT)
 class WriterConfig:
     # per_image: one sample per kept image, all kept texts in its json (the default).
     # pairs: one sample per kept (image, text) pair, keyed KEY_0, KEY_1, ...: BLIP's next
@@ -65,7 +109,7 @@ class WriterConfig:
     layout: Literal["per_image", "pairs"] = "per_image"
 
 
-@dataclass
+@dataclass(config=STRICT)
 class DownloadConfig:
     """img2dataset's options for ``capfilt download``; names and meanings are img2dataset's."""
 
@@ -76,30 +120,30 @@ class DownloadConfig:
     url_col: str = "url"
     caption_col: Union[str, None] = "caption"
     save_additional_columns: list[str] = field(default_factory=list)
-    image_size: int = 384
+    image_size: PositiveInt = 384
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = 95
-    processes_count: int = 1
-    thread_count: int = 32
-    number_sample_per_shard: int = 10000
-    timeout: int = 10
-    retries: int = 0
+    encode_quality: Annotated[int, Field(ge=0, le=100)] = 95
+    processes_count: PositiveInt = 1
+    thread_count: PositiveInt = 32
+    number_sample_per_shard: PositiveInt = 10000
+    timeout: PositiveInt = 10
+    retries: NonNegativeInt = 0
     min_image_size: int = 0
 
 
-@dataclass
+@dataclass(config=STRICT)
 class ScratchConfig:
     """The shape of a BLIP trained from scratch (``init: null``): tiny by default."""
 
-    patch_size: int = 16
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 2
+    patch_size: PositiveInt = 16
+    hidden: Annotated[int, Field(ge=8)] = 128
+    layers: PositiveInt = 2
+    heads: PositiveInt = 2
 
 
-@dataclass
+@dataclass(config=STRICT)
 class TrainConfig:
     """One fine-tuning run. Defaults are BLIP's COCO recipes (caption_coco, retrieval_coco)."""
 
@@ -110,55 +154,58 @@ class TrainConfig:
     # A filter may start from a captioner checkpoint: its vision encoder is reused.
     init: Union[str, None] = None
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
-    lr: float = 1e-5
-    epochs: int = 5
-    max_steps: Union[int, None] = None  # stop early after this many optimiser steps
-    batch_size: int = 32
-    image_size: int = 384  # a checkpoint trained at another size is interpolated, as BLIP does
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the cosine schedule ends at lr * min_lr_ratio
-    label_smoothing: float = 0.1  # captioner
-    max_text_tokens: int = 40
-    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    lr: UnitInterval = 1e-5
+    epochs: PositiveInt = 5
+    max_steps: Union[PositiveInt, None] = None  # stop early after this many optimiser steps
+    batch_size: PositiveInt = 32
+    # With `init`, the size that checkpoint was trained at: fine-tuning refuses another
+    # size rather than interpolate its position embeddings.
+    image_size: PositiveInt = 384
+    weight_decay: UnitInterval = 0.05
+    warmup_steps: NonNegativeInt = 0
+    min_lr_ratio: UnitInterval = 0.0  # the cosine schedule ends at lr * min_lr_ratio
+    label_smoothing: UnitInterval = 0.1  # captioner
+    max_text_tokens: TextTokens = 40
+    crop_scale: list[Float] = field(default_factory=lambda: [0.5, 1.0])
     hflip: bool = True  # captions' left/right are swapped with the image
-    temperature: float = 0.07  # filter: ITC's initial learnable temperature
-    itm_weight: float = 1.0  # filter: weight of the ITM loss against ITC
+    # filter: ITC's initial learnable temperature, within the range training clamps it to.
+    temperature: Annotated[Float, Field(ge=0.001, le=0.5)] = 0.07
+    itm_weight: NonNegativeFloat = 1.0  # filter: weight of the ITM loss against ITC
     # filter: weight of ITM's positive class. BLIP uses 1 (one positive to two negatives);
     # 2 balances the classes, which gets a small model off the "no match" prior sooner.
-    itm_positive_weight: float = 1.0
-    shuffle_buffer: int = 1000
-    checkpoint_every: int = 200  # steps
-    log_every: int = 20
+    itm_positive_weight: NonNegativeFloat = 1.0
+    shuffle_buffer: PositiveInt = 1000
+    checkpoint_every: PositiveInt = 200  # steps
+    log_every: PositiveInt = 20
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Union[int, None] = None  # torch threads on CPU; null: torch's default
 
 
-@dataclass
+@dataclass(config=STRICT)
 class FinetuneConfig:
     captioner: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
     filter: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, max_text_tokens=35))
 
 
-@dataclass
+@dataclass(config=STRICT)
 class RuntimeConfig:
     ray_address: Union[str, None] = None
-    num_workers: int = 1
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
-    batch_size: int = 16
+    num_workers: PositiveInt = 1
+    cpus_per_worker: PositiveInt = 1
+    gpus_per_worker: NonNegativeFloat = 0.0
+    batch_size: PositiveInt = 16
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     # Threads that decode and preprocess images ahead of the models.
-    decode_threads: int = 2
+    decode_threads: PositiveInt = 2
     # Batches prepared ahead of the models.
-    prefetch_batches: int = 2
-    max_restarts: int = 3
-    max_task_retries: int = 3
+    prefetch_batches: PositiveInt = 2
+    max_restarts: RayRetries = 3
+    max_task_retries: RayRetries = 3
     # Attempts per shard when processing it raises (a bad tar, a missing file).
-    shard_attempts: int = 2
+    shard_attempts: PositiveInt = 2
     # Workers keep freed memory for the next batch instead of returning it to the OS
     # (glibc; capfilt/runtime/memory.py): no page faults on every layer's activations.
     retain_freed_memory: bool = True
@@ -170,7 +217,7 @@ class RuntimeConfig:
 OUTPUT_REVISION = 2
 
 
-@dataclass
+@dataclass(config=STRICT)
 class Config:
     input: Union[str, list[str], None] = None
     output: Union[str, None] = None
@@ -235,126 +282,37 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
-    """Build dataclass ``cls`` from a mapping on top of ``base`` (its defaults), checking
+    """Build section ``cls`` from a mapping on top of ``base`` (its defaults), validating
     every key and value. A nested section keeps the defaults its parent gives it."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown config key {prefix + str(key)!r} (known here: {known})")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     base = cls() if base is None else base
     values = {}
     for key, value in raw.items():
-        if dataclasses.is_dataclass(hints[key]):
-            values[key] = build(hints[key], value, prefix + key + ".", getattr(base, key))
+        key = str(key)
+        current = getattr(base, key, None) if key in cls.__dataclass_fields__ else None
+        if dataclasses.is_dataclass(current):
+            values[key] = build(type(current), value, prefix + key + ".", current)
         else:
-            values[key] = _check(hints[key], value, prefix + key)
-    obj = dataclasses.replace(base, **values)
-    _validate_ranges(obj, prefix)
-    return obj
+            values[key] = value
+    try:
+        return dataclasses.replace(base, **values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, cls, prefix)) from None
 
 
-def _check(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key + ".")
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check(option, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_check(key_tp, k, f"{key} key"): _check(value_tp, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected null")
-        return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")
-
-
-_RANGES: dict[str, tuple[float, float]] = {
-    "top_p": (0.0, 1.0),
-    "threshold": (0.0, 1.0),
-    "temperature": (1e-6, float("inf")),
-    "repetition_penalty": (1e-6, float("inf")),
-    "num_captions": (0, 1_000),
-    "top_k": (0, float("inf")),
-    "max_length": (1, float("inf")),
-    "min_length": (0, float("inf")),
-    "max_text_tokens": (2, float("inf")),
-    # PIL refuses outright above twice its MAX_IMAGE_PIXELS default.
-    "max_image_pixels": (1, 178_956_970),
-    "max_member_bytes": (1, float("inf")),
-    "num_workers": (1, float("inf")),
-    "cpus_per_worker": (1, float("inf")),
-    "gpus_per_worker": (0, float("inf")),
-    "batch_size": (1, float("inf")),
-    "decode_threads": (1, float("inf")),
-    "prefetch_batches": (1, float("inf")),
-    "max_restarts": (-1, float("inf")),
-    "max_task_retries": (-1, float("inf")),
-    "shard_attempts": (1, float("inf")),
-    "image_size": (1, float("inf")),
-    "encode_quality": (0, 100),
-    "processes_count": (1, float("inf")),
-    "thread_count": (1, float("inf")),
-    "number_sample_per_shard": (1, float("inf")),
-    "timeout": (1, float("inf")),
-    "retries": (0, float("inf")),
-    "lr": (0.0, 1.0),
-    "epochs": (1, float("inf")),
-    "max_steps": (1, float("inf")),
-    "weight_decay": (0.0, 1.0),
-    "warmup_steps": (0, float("inf")),
-    "min_lr_ratio": (0.0, 1.0),
-    "label_smoothing": (0.0, 1.0),
-    "itm_weight": (0.0, float("inf")),
-    "itm_positive_weight": (0.0, float("inf")),
-    "shuffle_buffer": (1, float("inf")),
-    "checkpoint_every": (1, float("inf")),
-    "log_every": (1, float("inf")),
-    "patch_size": (1, float("inf")),
-    "hidden": (8, float("inf")),
-    "layers": (1, float("inf")),
-    "heads": (1, float("inf")),
-}
-
-
-def _validate_ranges(obj: Any, prefix: str) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        bounds = _RANGES.get(f.name)
-        if bounds and isinstance(value, (int, float)) and not bounds[0] <= value <= bounds[1]:
-            raise ConfigError(f"{prefix}{f.name}: {value!r} is outside [{bounds[0]}, {bounds[1]}]")
-    if isinstance(obj, CaptionerConfig) and obj.min_length > obj.max_length:
-        raise ConfigError(f"{prefix}min_length ({obj.min_length}) exceeds max_length ({obj.max_length})")
+def _describe(exc: ValidationError, cls: type, prefix: str) -> str:
+    """One line per bad key, named in full (``captioner.top_p: 1.5: ...``)."""
+    lines: dict[str, list[str]] = {}
+    for error in exc.errors(include_url=False):
+        name, *rest = error["loc"] or ("",)
+        key = prefix + str(name) + "".join(f"[{part}]" for part in rest if isinstance(part, int))
+        if error["type"] == "unexpected_keyword_argument":
+            known = ", ".join(sorted(cls.__dataclass_fields__))
+            lines[key] = [f"unknown config key {key!r} (known here: {known})"]
+            continue
+        message = error["msg"][:1].lower() + error["msg"][1:]
+        entry = lines.setdefault(key, [f"{key}: {error['input']!r}: {message}"])
+        if message not in entry[0]:  # each alternative of a union
+            entry[0] += f" or {message}"
+    return "\n".join(line for entry in lines.values() for line in entry)

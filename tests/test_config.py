@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.config import Config, ConfigError, load_config
+from capfilt.config import CaptionerConfig, Config, ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LARGE = CONFIGS / "blip_large.yaml"
@@ -147,3 +147,37 @@ def test_fingerprint_ignores_placement_input_and_output():
 def test_override_with_invalid_yaml_value_raises_config_error_naming_the_key(override):
     with pytest.raises(ConfigError, match=r"captioner\.prompt"):
         load_config(str(LARGE), [override])
+
+
+def test_each_temperature_has_its_own_bound():
+    # ITC's initial temperature is clamped to [0.001, 0.5] in training; sampling's is any positive.
+    with pytest.raises(ConfigError, match=r"^finetune\.filter\.temperature: 0\.9\b"):
+        load_config(str(LARGE), ["finetune.filter.temperature=0.9"])
+    assert load_config(str(LARGE), ["captioner.temperature=0.9"]).captioner.temperature == 0.9
+    assert load_config(str(LARGE), ["finetune.filter.temperature=0.5"]).finetune.filter.temperature == 0.5
+    with pytest.raises(ConfigError, match=r"^captioner\.temperature: 0\b"):
+        load_config(str(LARGE), ["captioner.temperature=0"])
+
+
+def test_bound_error_names_the_full_dotted_key_and_the_value():
+    with pytest.raises(ConfigError, match=r"^finetune\.captioner\.scratch\.hidden: 4: .*greater than or equal to 8"):
+        load_config(str(LARGE), ["finetune.captioner.scratch.hidden=4"])
+
+
+def test_unknown_nested_key_is_refused_with_the_known_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.filter\.treshold' \(known here: .*temperature"):
+        load_config(str(LARGE), ["finetune.filter.treshold=0.6"])
+
+
+def test_sections_built_in_code_are_validated_too():
+    with pytest.raises(ValueError, match="top_p"):
+        CaptionerConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="bogus"):
+        CaptionerConfig(bogus=1)
+
+
+def test_a_nested_override_keeps_the_defaults_its_parent_gives():
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a float field takes it.
+    config = load_config(None, ["finetune.filter.lr=1e-4"])  # no file: the epochs are the defaults'
+    assert config.finetune.filter.lr == 1e-4 and type(config.finetune.filter.lr) is float
+    assert (config.finetune.filter.epochs, config.finetune.filter.max_text_tokens) == (6, 35)
