@@ -28,7 +28,8 @@ from fsspec.core import url_to_fs
 from capfilt.io.fs import unstrip
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
-from capfilt.io.writer import TIMING, parquet_name, stats_name, tar_name
+from capfilt.io.layout import RUN_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
+from capfilt.stats import Counts, ShardStats
 
 BORDERLINE = 0.05
 COLUMNS = ["key", "status", "error", "web_text", "web_score", "web_kept", "captions", "caption_scores",
@@ -47,7 +48,7 @@ class ReportData:
     threshold: float
     config: dict[str, Any]
     totals: dict[str, Any]
-    shards: list[dict[str, Any]]
+    shards: list[ShardStats]
     failed: list[Any]
     sampled_shards: list[str]
     sampled_rows: int
@@ -63,34 +64,33 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
     fs, root = url_to_fs(output)
     if not fs.isdir(root):
         raise FileNotFoundError(f"{output}: no such output folder")
-    run = _read_json(fs, posixpath.join(root, "run.json")) or {}
+    run = _read_json(fs, posixpath.join(root, RUN_FILE)) or {}
     config = run.get("config", {})
     threshold = float(config.get("filter", {}).get("threshold", 0.5))
     stats_paths = sorted(fs.glob(posixpath.join(root, stats_name("*"))))
     if not stats_paths:
-        raise FileNotFoundError(f"{output}: no finished shard (no *_stats.json): is it a capfilt output?")
-    shards = [dict(json.loads(data), _name=_stats_shard(path))
-              for path, data in sorted(fs.cat(stats_paths).items())]
-    totals = _totals(shards)
-    summary = _read_json(fs, posixpath.join(root, "stats.json")) or {}
+        raise FileNotFoundError(f"{output}: no finished shard (no {stats_name('*')}): is it a capfilt output?")
+    shards = [_shard_stats(path, data) for path, data in sorted(fs.cat(stats_paths).items())]
+    totals = dict(Counts.total(shards).as_dict(), shards=len(shards))
+    summary = _read_json(fs, posixpath.join(root, STATS_FILE)) or {}
 
     # Parquet of a bounded, evenly spread set of shards: scores, errors and example candidates.
     step = max(1, len(shards) / max(1, max_shards))
     picked = [shards[int(i * step)] for i in range(min(max_shards, len(shards)))]
     rows: list[dict[str, Any]] = []
     for shard in picked:
-        path = posixpath.join(root, parquet_name(shard["_name"]))
+        path = posixpath.join(root, parquet_name(shard.shard))
         for row in _parquet_rows(fs, path):
-            row["_shard"] = shard["_name"]
+            row["_shard"] = shard.shard
             rows.append(row)
     errors = Counter(error_reason(r["error"], r["key"]) for r in rows if r["status"] == "error")
     web_scores = [r["web_score"] for r in rows if r["web_score"] is not None]
     caption_scores = [s for r in rows for s in (r["caption_scores"] or [])]
 
     data = ReportData(output, threshold, config, totals, shards, summary.get("failed", []),
-                      [s["_name"] for s in picked], len(rows), errors, web_scores, caption_scores)
+                      [s.shard for s in picked], len(rows), errors, web_scores, caption_scores)
     data.examples = _pick_examples(rows, threshold, examples, image_shards, seed)
-    inputs = {s["_name"]: s.get("input") for s in shards}
+    inputs = {s.shard: s.input or None for s in shards}
     _attach_thumbnails(fs, root, data.examples, inputs, max_pixels)
     return data
 
@@ -99,8 +99,11 @@ def _read_json(fs, path: str) -> dict[str, Any] | None:
     return json.loads(fs.cat(path)) if fs.exists(path) else None
 
 
-def _stats_shard(path: str) -> str:
-    return posixpath.basename(path)[: -len(stats_name(""))]
+def _shard_stats(path: str, data: bytes) -> ShardStats:
+    """A shard's stats, named by its file (the name the parquet and tar share)."""
+    stats = ShardStats.from_json(data)
+    stats.shard = shard_of_stats(posixpath.basename(path))
+    return stats
 
 
 def _parquet_rows(fs, path: str) -> list[dict[str, Any]]:
@@ -110,13 +113,6 @@ def _parquet_rows(fs, path: str) -> list[dict[str, Any]]:
         return []
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=COLUMNS).to_pylist()
-
-
-def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("samples", "kept", "dropped", "error", "web_texts", "web_kept", "captions", "captions_kept")
-    totals = {k: sum(s.get(k, 0) for s in shards) for k in keys}
-    totals["shards"] = len(shards)
-    return totals
 
 
 def error_reason(error: str | None, key: str) -> str:
@@ -308,17 +304,15 @@ def _shard_table(data: ReportData, limit: int = 100) -> list[str]:
     note = ""
     if len(shards) > limit:
         # The ones worth a look: most errors, then lowest keep rate.
-        shards = sorted(shards, key=lambda s: (-s.get("error", 0), s.get("kept", 0) / max(1, s.get("samples", 0))))
-        shards = sorted(shards[:limit], key=lambda s: s["_name"])
+        shards = sorted(shards, key=lambda s: (-s.error, s.kept / max(1, s.samples)))
+        shards = sorted(shards[:limit], key=lambda s: s.shard)
         note = (f"<p class='meta'>The {limit} shards with the most errors and the lowest keep rates; "
                 f"{len(data.shards) - limit:,} more not shown.</p>")
     parts = ["<section id='shards'><h2>Shards</h2>", note, "<table>",
              _row(["shard", "samples", "kept", "dropped", "errors", "web kept", "keep rate", "seconds"], "th")]
     for s in shards:
-        parts.append(_row([s["_name"], s.get("samples", 0), s.get("kept", 0), s.get("dropped", 0),
-                           s.get("error", 0), s.get("web_kept", 0),
-                           f"{100 * s.get('kept', 0) / max(1, s.get('samples', 0)):.1f}%",
-                           s.get("seconds", s.get(TIMING, {}).get("seconds", ""))]))
+        parts.append(_row([s.shard, s.samples, s.kept, s.dropped, s.error, s.web_kept,
+                           f"{100 * s.kept / max(1, s.samples):.1f}%", s.timing.get("seconds", "")]))
     parts.append("</table></section>")
     return parts
 

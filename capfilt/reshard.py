@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import posixpath
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,19 +27,19 @@ import pyarrow.parquet as pq
 
 from capfilt.io.fs import OutputDir, expand_input, open_read
 from capfilt.io.reader import split_key, unsafe_name
-from capfilt.io.writer import PARQUET_SCHEMA, TIMING, capfilt_record, parquet_name, stats_name, tar_name
+from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, STATS_SUFFIX, parquet_name,
+                               shard_files, shard_of_stats, stats_name, tar_name)
+from capfilt.io.writer import PARQUET_SCHEMA, capfilt_record
+from capfilt.stats import TIMING
 from capfilt.sample import KEPT, Sample
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "reshard_plan.json"
 PLAN_VERSION = 1
-STATS_SUFFIX = "_stats.json"
 OUTPUT_SCHEMA = PARQUET_SCHEMA.append(pa.field("source_shard", pa.string(), nullable=False))
 TAR_BLOCK = 512
 # The threshold is in each kept json but not in the parquet; its digits barely move the estimate.
 ESTIMATE_THRESHOLD = 0.5
-OUTPUT_FILE = re.compile(r"^\d{5,}(\.tar|\.parquet|_stats\.json)$")
 
 Progress = Callable[[int, int], None]  # (kept samples done, kept samples in the plan)
 Range = list  # [input shard name, first kept index, end kept index (exclusive)]
@@ -96,7 +95,7 @@ def done_shards(input_url: str) -> list[tuple[str, str]]:
         urls = expand_input(input_url.rstrip("/"), suffixes=(STATS_SUFFIX,))
     except FileNotFoundError:
         urls = []
-    found = [(posixpath.basename(u)[: -len(STATS_SUFFIX)], u) for u in urls if u.endswith(STATS_SUFFIX)]
+    found = [(shard_of_stats(posixpath.basename(u)), u) for u in urls if shard_of_stats(posixpath.basename(u))]
     if not found:
         raise ReshardError(f"{input_url}: not a capfilt output folder with a done shard "
                            f"(no NAME{STATS_SUFFIX})")
@@ -243,17 +242,17 @@ def _ranges(kept: list[tuple[str, int]], counts: list[int]) -> list[list[Range]]
 
 def _adopt_plan(out: OutputDir, plan: dict[str, Any], overwrite: bool) -> None:
     """Write the plan, or check it against the one there; overwrite clears earlier shards first."""
-    previous = json.loads(out.read_text(PLAN_FILE)) if out.exists(PLAN_FILE) else None
+    previous = json.loads(out.read_text(RESHARD_PLAN_FILE)) if out.exists(RESHARD_PLAN_FILE) else None
     if overwrite:
         _remove_output_shards(out)
-    elif previous is None and any(OUTPUT_FILE.match(n) for n in out.listdir()):
-        raise ReshardRefused(f"{out.url} holds shard files but no {PLAN_FILE}; use another output "
+    elif previous is None and any(NUMBERED_SHARD_FILE.match(n) for n in out.listdir()):
+        raise ReshardRefused(f"{out.url} holds shard files but no {RESHARD_PLAN_FILE}; use another output "
                              "folder, or overwrite to replace them")
     elif previous is not None and (why := _difference(previous, plan)):
         raise ReshardRefused(f"{out.url} holds a different reshard ({why}); use another output "
                              "folder, or overwrite to redo it")
     if previous != plan:  # one line: a plan can list many thousands of ranges
-        out.write_bytes(PLAN_FILE, json.dumps(plan, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+        out.write_bytes(RESHARD_PLAN_FILE, json.dumps(plan, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -268,7 +267,7 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 def _remove_output_shards(out: OutputDir) -> None:
     """Done markers first, so that a crash half-way never leaves a stale shard marked done."""
-    names = [n for n in out.listdir() if OUTPUT_FILE.match(n)]
+    names = [n for n in out.listdir() if NUMBERED_SHARD_FILE.match(n)]
     for name in sorted(names, key=lambda n: not n.endswith(STATS_SUFFIX)):
         out.remove(name)
     if names:
@@ -276,7 +275,7 @@ def _remove_output_shards(out: OutputDir) -> None:
 
 
 def _is_done(present: set[str], shard: str) -> bool:
-    return {tar_name(shard), parquet_name(shard), stats_name(shard)} <= present
+    return set(shard_files(shard)) <= present
 
 
 def _json(obj: Any) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +18,15 @@ from capfilt.config import Config
 from capfilt.decision import decide
 from capfilt.io.fs import OutputDir, configure_storage
 from capfilt.io.images import ImageError, decode_rgb
-from capfilt.io.reader import ReaderOptions, read_shard
-from capfilt.io.writer import TIMING, ShardWriter
+from capfilt.io.reader import read_shard
+from capfilt.io.writer import ShardWriter
 from capfilt.models.captioner import Captioner, batch_seed
 from capfilt.models.itm_filter import ITMFilter
 from capfilt.models.loading import resolve_device, torch_dtype
 from capfilt.prefetch import prefetch_batches
 from capfilt.runtime.shards import ShardTask
-from capfilt.sample import DROPPED, ERROR, KEPT, Sample
+from capfilt.sample import Sample
+from capfilt.stats import ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ class CapFiltStep:
         self.processors = {"captioner": cap_proc}
         if itm_proc.to_dict() != cap_proc.to_dict():
             self.processors["filter"] = itm_proc
-        self.reader_options = ReaderOptions(image_extensions=config.reader.image_extensions,
-                                            max_member_bytes=config.reader.max_member_bytes)
+        self.reader_options = config.reader
 
     def revisions(self) -> dict[str, Any]:
         return {
@@ -74,30 +73,27 @@ class CapFiltStep:
         return sample
 
     def run(self, task: ShardTask, report: Report | None = None,
-            worker: dict[str, Any] | None = None) -> dict[str, Any]:
+            worker: dict[str, Any] | None = None) -> ShardStats:
         """Process one shard. ``worker`` (who runs it, from the executor) goes into the stats' timing."""
-        start = time.time()
         rt = self.config.runtime
-        counts: Counter = Counter()
+        stats = ShardStats(shard=task.name, input=task.url)
+        stats.start(worker or {"worker_pid": os.getpid()})
         out = OutputDir(task.output)
         samples = read_shard(task.url, self.reader_options)
         batches = prefetch_batches(samples, self.prepare, rt.batch_size, rt.decode_threads,
                                    rt.prefetch_batches)
         model_seconds = 0.0  # in the models, to tell compute from I/O, decoding and Ray
-        with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout) as writer:
+        with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout,
+                         stats) as writer:
             for index, batch in enumerate(batches):
                 begin = time.perf_counter()
                 self.process_batch(batch, batch_seed(rt.seed, task.name, index))
                 model_seconds += time.perf_counter() - begin
+                stats.timing["model_seconds"] = round(model_seconds, 3)
                 for sample in batch:
                     writer.write(sample)
-                    _count(counts, sample, self.config.filter.threshold)
                 if report:
-                    report(dict(counts))
-        stats = _shard_stats(task, counts, start, time.time(), worker or {"worker_pid": os.getpid()})
-        stats[TIMING]["model_seconds"] = round(model_seconds, 3)
-        stats["tar_samples"] = writer.written
-        writer.finish(stats)
+                    report(stats.counts())
         return stats
 
     def process_batch(self, batch: list[Sample], seed: int) -> None:
@@ -138,46 +134,3 @@ def _scorable(text: str | None) -> bool:
 
 def _unique(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(texts))
-
-
-def _count(counts: Counter, sample: Sample, threshold: float) -> None:
-    counts["samples"] += 1
-    counts[sample.status] += 1
-    if sample.status == ERROR:
-        return
-    counts["web_texts"] += sample.web_text is not None
-    counts["web_scored"] += sample.web_score is not None
-    counts["web_kept"] += any(origin == "web" for _, origin, _ in sample.kept_texts)
-    counts["captions"] += len(sample.captions)
-    counts["captions_kept"] += sum(score >= threshold for score in sample.caption_scores)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
-def _shard_stats(task: ShardTask, counts: Counter, start: float, end: float,
-                 worker: dict[str, Any]) -> dict[str, Any]:
-    """Counts, then what varies from run to run under ``timing``."""
-    return {
-        "shard": task.name,
-        "input": task.url,
-        "samples": counts["samples"],
-        KEPT: counts[KEPT],
-        DROPPED: counts[DROPPED],
-        ERROR: counts[ERROR],
-        "web_texts": counts["web_texts"],
-        "web_kept": counts["web_kept"],
-        "captions": counts["captions"],
-        "captions_kept": counts["captions_kept"],
-        TIMING: {
-            "seconds": round(end - start, 3),
-            "started_at": start,
-            "finished_at": end,
-            **worker,
-            "worker_peak_rss_mb": peak_rss_mb(),
-        },
-    }

@@ -14,15 +14,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="caption and filter webdataset shards")
-    run.add_argument("--config", help="YAML config (defaults: BLIP large from the hub)")
-    run.add_argument("--input", nargs="+", help="shards: brace pattern, glob, folder or list; any fsspec URL")
-    run.add_argument("--output", help="output folder (local or fsspec URL)")
-    run.add_argument("--mode", choices=["incremental", "overwrite"], default="incremental",
-                     help="incremental skips done shards; overwrite redoes them all")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("-v", "--verbose", action="store_true", help="a line per finished shard")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    from pipelines import run as run_pipeline
+
+    run_pipeline.add_arguments(sub.add_parser("run", help="caption and filter webdataset shards"))
 
     download = sub.add_parser("download", help="URL list -> webdataset shards, with img2dataset")
     _common(download)
@@ -188,9 +182,9 @@ def _finetune(args) -> int:
 
 
 def _download(args) -> int:
+    from capfilt.run import RunRefused
     from capfilt.runtime.executor import WorkerStartError
     from pipelines import download, web_to_clean
-    from pipelines import run as run_pipeline
 
     try:
         config = load_config(args.config, args.overrides)
@@ -205,7 +199,7 @@ def _download(args) -> int:
             return 0 if totals["successes"] else 1
         return web_to_clean.run(config, args.output, mode=args.mode, verbose=args.verbose,
                                 progress=not args.no_progress)
-    except (run_pipeline.RunRefused, WorkerStartError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (RunRefused, WorkerStartError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"capfilt: {exc}", file=sys.stderr)
         return 2
 
@@ -222,6 +216,7 @@ def _split_overrides(inputs: list[str] | None, overrides: list[str]) -> tuple[li
 
 
 def _run(args) -> int:
+    from capfilt.run import RunRefused
     from capfilt.runtime.executor import WorkerStartError
     from pipelines import run as run_pipeline
 
@@ -233,9 +228,9 @@ def _run(args) -> int:
         print(f"capfilt: config error: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_pipeline.run(config, mode=args.mode, verbose=args.verbose,
-                                progress=not args.no_progress)
-    except (run_pipeline.RunRefused, WorkerStartError, ValueError, FileNotFoundError) as exc:
+        return run_pipeline.run_and_summarise(config, mode=args.mode, verbose=args.verbose,
+                                              progress=not args.no_progress)
+    except (RunRefused, WorkerStartError, ValueError, FileNotFoundError) as exc:
         print(f"capfilt: {exc}", file=sys.stderr)
         return 2
 

@@ -27,4 +27,4 @@ def run(config: Config, root: str, mode: str = "incremental", verbose: bool = Fa
         print(f"capfilt: no image was downloaded into {shards}; nothing to clean")
         return 1
     config = dataclasses.replace(config, input=shards, output=clean)
-    return run_pipeline.run(config, mode=mode, verbose=verbose, progress=progress)
+    return run_pipeline.run_and_summarise(config, mode=mode, verbose=verbose, progress=progress)

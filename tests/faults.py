@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from capfilt.io.writer import TIMING
+from capfilt.stats import TIMING
 
 def snapshot(out) -> dict[str, object]:
     """Every output file's content, with the run-to-run timing fields taken out."""

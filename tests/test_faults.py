@@ -78,7 +78,7 @@ def test_worker_sigkill_mid_shard_is_redone_identically(clean, tiny_models, tmp_
     from capfilt.io.fs import expand_input
     from capfilt.runtime.executor import RayExecutor
     from capfilt.runtime.shards import plan_shards
-    from pipelines.run import make_step
+    from capfilt.run import make_step
 
     out = tmp_path / "out"
     config = load_config("configs/tiny.yaml", args(tiny_models, "x", "y")[8:],

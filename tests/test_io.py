@@ -11,10 +11,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from capfilt.config import ReaderConfig
 from capfilt.decision import decide
 from capfilt.io.fs import OutputDir, expand_input, shard_name
 from capfilt.io.images import ImageError, decode_rgb
-from capfilt.io.reader import ReaderOptions, read_shard
+from capfilt.io.reader import read_shard
 from capfilt.io.writer import PARQUET_SCHEMA, ShardWriter
 from capfilt.sample import DROPPED, ERROR, KEPT, Sample
 from conftest import image_bytes, make_web_shards, write_shard
@@ -134,7 +135,7 @@ def test_sample_without_image_is_an_error_naming_the_key(tmp_path):
 
 def test_sample_with_an_unlisted_image_extension_is_an_error(tmp_path):
     path = write_shard(tmp_path / "s.tar", [{"key": "k", "gif": encode(Image.new("RGB", (4, 4)), "GIF")}])
-    (sample,) = read_shard(path, ReaderOptions(image_extensions=["jpg", "png"]))
+    (sample,) = read_shard(path, ReaderConfig(image_extensions=["jpg", "png"]))
     assert sample.status == ERROR and "'k'" in sample.error
 
 
@@ -236,7 +237,7 @@ def test_gzipped_shard_cut_short_ends_with_an_error_sample(tmp_path):
 def test_member_over_the_size_limit_is_not_read(tmp_path):
     big = image_bytes("red", size=(200, 200))
     path = write_raw_tar(tmp_path / "s.tar", [("a.jpg", big), ("b.jpg", image_bytes("blue", size=(4, 4)))])
-    a, b = read_shard(path, ReaderOptions(max_member_bytes=len(big) - 1))
+    a, b = read_shard(path, ReaderConfig(max_member_bytes=len(big) - 1))
     assert a.status == ERROR and "over the limit" in a.error
     assert b.error is None
 
@@ -416,7 +417,6 @@ def write_output(folder, samples, shard="00000", layout="per_image"):
     with ShardWriter(out, shard, threshold=0.5, layout=layout) as writer:
         for sample in samples:
             writer.write(sample)
-    writer.finish({"shard": shard, "samples": len(samples)})
     return out
 
 
@@ -456,7 +456,10 @@ def test_shard_writer_parquet_has_a_row_per_sample(tmp_path):
     samples = shard_samples()
     out = write_output(tmp_path / "out", samples)
     assert out.listdir() == ["00000.parquet", "00000.tar", "00000_stats.json"]
-    assert json.loads(out.read_text("00000_stats.json")) == {"shard": "00000", "samples": 4}
+    # The writer tallies each sample's decision and writes the stats when the shard closes.
+    assert json.loads(out.read_text("00000_stats.json")) == {
+        "shard": "00000", "input": "", "samples": 4, "kept": 2, "dropped": 1, "error": 1,
+        "web_texts": 3, "web_kept": 1, "captions": 6, "captions_kept": 2, "tar_samples": 2, "timing": {}}
     table = pq.read_table(str(tmp_path / "out" / "00000.parquet"))
     assert table.schema.equals(PARQUET_SCHEMA)
     rows = table.to_pylist()

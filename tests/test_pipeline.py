@@ -254,7 +254,7 @@ def test_missing_shard_fails_alone_and_output_is_reproducible(first_run, tiny_mo
 
 def test_run_record_redacts_credentials_at_any_depth():
     from capfilt.config import load_config
-    from pipelines.run import _run_record
+    from capfilt.run import run_record as _run_record
 
     config = load_config(None, ['storage_options={s3: {endpoint_url: "http://127.0.0.1:9000", key: AKIA, '
                                 'client_kwargs: {aws_secret_access_key: sekrit, region_name: us-east-1}}}'])

@@ -11,6 +11,7 @@ from PIL import Image
 from capfilt.decision import decide
 from capfilt.io.fs import OutputDir
 from capfilt.io.writer import ShardWriter
+from capfilt.stats import ShardStats
 from capfilt.report import build_report, error_reason
 from capfilt.sample import Sample
 from pipelines.cli import main
@@ -42,14 +43,9 @@ def hand_made_output(tmp_path, shards=2):
         input_tar = write_shard(tmp_path / f"{s:05d}.tar", records)
         samples.append(Sample(key=f"{s}bad", image=b"x", image_ext="jpg")
                        .fail(f"{input_tar}: {s}bad.jpg: cannot decode image: UnidentifiedImageError: 'x'"))
-        with ShardWriter(out, f"{s:05d}", THRESHOLD) as writer:
+        with ShardWriter(out, f"{s:05d}", THRESHOLD, stats=ShardStats(input=input_tar)) as writer:
             for sample in samples:
                 writer.write(sample)
-        kept = sum(x.status == "kept" for x in samples)
-        writer.finish({"input": input_tar, "samples": len(samples), "kept": kept, "error": 1,
-                       "dropped": len(samples) - kept - 1, "web_texts": 4,
-                       "web_kept": sum(bool(x.kept_texts) and x.kept_texts[0][1] == "web" for x in samples),
-                       "captions": 8, "captions_kept": 3})
     out.write_bytes("run.json", json.dumps({"config": {"filter": {"threshold": THRESHOLD, "model": "tiny-filter"},
                                                        "captioner": {"model": "tiny-captioner"}}}).encode())
     return tmp_path / "out"

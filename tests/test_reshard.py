@@ -19,9 +19,12 @@ from PIL import Image
 from capfilt.decision import decide
 from capfilt.io.fs import OutputDir
 from capfilt.io.writer import ShardWriter
-from capfilt.reshard import (OUTPUT_SCHEMA, PLAN_FILE, ReshardError, ReshardRefused, Target,
+from capfilt.io.layout import RESHARD_PLAN_FILE as PLAN_FILE
+from capfilt.io.layout import stats_name
+from capfilt.reshard import (OUTPUT_SCHEMA, ReshardError, ReshardRefused, Target,
                              estimated_bytes, plan_reshard, reshard)
 from capfilt.sample import DROPPED, ERROR, KEPT, Sample
+from capfilt.stats import ShardStats
 from conftest import image_bytes
 from pipelines import reshard as reshard_cli
 
@@ -47,13 +50,12 @@ def judged(key: str, n: int, outcome: str, ext: str = "jpg", data: bytes | None 
 
 def write_clean_shard(folder, name: str, samples: list[Sample], done: bool = True):
     out = OutputDir(str(folder))
-    with ShardWriter(out, name, threshold=0.5) as writer:
+    stats = ShardStats(shard=name, input=f"web/{name}.tar", timing={"seconds": 1.5, "worker_pid": 4242})
+    with ShardWriter(out, name, threshold=0.5, stats=stats) as writer:
         for sample in samples:
             writer.write(sample)
-    if done:
-        counts = {s: sum(x.status == s for x in samples) for s in (KEPT, DROPPED, ERROR)}
-        writer.finish({"shard": name, "input": f"web/{name}.tar", "samples": len(samples), **counts,
-                       "timing": {"seconds": 1.5, "worker_pid": 4242}})
+    if not done:
+        out.remove(stats_name(name))
 
 
 def noise_png(seed: int, size: int = 90) -> bytes:

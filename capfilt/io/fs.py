@@ -13,7 +13,7 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
-TMP_MARKER = ".tmp-"
+from capfilt.io.layout import is_temporary, temporary_name
 
 
 _CONFIGURED: set[str] = set()
@@ -129,7 +129,7 @@ class OutputDir:
     def atomic_open(self, name: str) -> Iterator[IO[bytes]]:
         """Write to a unique temporary name; rename to ``name`` only on success."""
         final = self.path(name)
-        tmp = self.path(f".{name}{TMP_MARKER}{uuid.uuid4().hex[:12]}")
+        tmp = self.path(temporary_name(name, uuid.uuid4().hex[:12]))
         try:
             with self.fs.open(tmp, "wb") as f:
                 yield f
@@ -155,7 +155,7 @@ class OutputDir:
 
     def remove_temporaries(self) -> list[str]:
         """Delete temporary files a killed run left behind; returns their names."""
-        stale = [n for n in self.listdir() if n.startswith(".") and TMP_MARKER in n]
+        stale = [n for n in self.listdir() if is_temporary(n)]
         for name in stale:
             self.remove(name)
         return stale

@@ -1,7 +1,8 @@
 """Write one output shard: the kept samples' tar, a parquet row per input sample, stats last.
 
 Each file is written under a temporary name and renamed when complete. The stats
-file is renamed last, so its presence means the whole shard is done.
+file is renamed last, so its presence means the whole shard is done. File names come
+from ``capfilt.io.layout``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.io.fs import OutputDir
+from capfilt.io.layout import parquet_name, stats_name, tar_name
 from capfilt.sample import KEPT, Sample
-
-# The part of a stats file that differs between runs of the same input and config.
-TIMING = "timing"
+from capfilt.stats import ShardStats
 
 # Fixed so that identical inputs give byte-identical tars.
 TAR_MTIME = 0
@@ -49,18 +49,6 @@ PARQUET_SCHEMA = pa.schema([
     # The input json as it was, for every other field a downloader wrote.
     pa.field("input_json", pa.string()),
 ])
-
-
-def tar_name(shard: str) -> str:
-    return f"{shard}.tar"
-
-
-def parquet_name(shard: str) -> str:
-    return f"{shard}.parquet"
-
-
-def stats_name(shard: str) -> str:
-    return f"{shard}_stats.json"
 
 
 def capfilt_record(sample: Sample, threshold: float) -> dict[str, Any]:
@@ -126,15 +114,17 @@ def pair_samples(sample: Sample, meta: dict[str, Any]):
 
 
 class ShardWriter:
-    """Context manager writing ``NAME.tar`` and ``NAME.parquet``; ``finish`` writes the stats.
+    """Context manager writing ``NAME.tar``, ``NAME.parquet`` and, when the block ends without
+    an exception, ``NAME_stats.json``: the counts of every sample written (``stats``).
 
     If the body raises, the temporary files are removed and nothing appears.
     """
 
-    def __init__(self, out: OutputDir, shard: str, threshold: float, layout: str = "per_image"):
+    def __init__(self, out: OutputDir, shard: str, threshold: float, layout: str = "per_image",
+                 stats: ShardStats | None = None):
         self.out, self.shard, self.threshold, self.layout = out, shard, threshold, layout
+        self.stats = stats if stats is not None else ShardStats(shard=shard)
         self.rows: list[dict[str, Any]] = []
-        self.written = 0  # samples in the tar: kept images, or kept pairs in the pairs layout
         self._stack = contextlib.ExitStack()
         self._tar = None
 
@@ -147,6 +137,7 @@ class ShardWriter:
 
     def write(self, sample: Sample) -> None:
         self.rows.append(parquet_row(sample))
+        self.stats.add(sample)
         if sample.status != KEPT:
             return
         meta = dict(sample.meta)
@@ -158,7 +149,7 @@ class ShardWriter:
             self._write_one(sample.key, sample, sample.text, meta)
 
     def _write_one(self, key: str, sample: Sample, text: str, meta: dict[str, Any]) -> None:
-        self.written += 1
+        self.stats.tar_samples += 1
         self._tar.write({
             "__key__": key,
             sample.image_ext: sample.image,
@@ -175,13 +166,10 @@ class ShardWriter:
         self._stack.__exit__(exc_type, exc, tb)
         if exc_type is None:
             self._write_parquet()
+            self.stats.finish()
+            self.out.write_bytes(stats_name(self.shard), self.stats.to_json())
 
     def _write_parquet(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
         with self.out.atomic_open(parquet_name(self.shard)) as f:
             pq.write_table(table, f)
-
-    def finish(self, stats: dict[str, Any]) -> None:
-        """Write the stats file, which marks the shard done. Call after the ``with`` block."""
-        data = json.dumps(stats, indent=2, sort_keys=True).encode("utf-8")
-        self.out.write_bytes(stats_name(self.shard), data)

@@ -1,8 +1,9 @@
 """Run a step over shards with Ray actors, each holding the step (its models) loaded once.
 
 The executor knows nothing of what the step does: it needs a picklable factory
-returning an object with ``run(task, report, worker) -> dict`` and, optionally,
-``revisions() -> dict``. A shard is the unit of work and of retry.
+returning an object with ``run(task, report, worker)`` and, optionally,
+``revisions() -> dict``; what ``run`` returns must have ``counts() -> dict[str, int]``
+(the shard's final counts, for the progress totals). A shard is the unit of work and of retry.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class WorkerStartError(RuntimeError):
 @dataclass
 class ShardResult:
     task: ShardTask
-    stats: dict[str, Any] | None
+    stats: Any  # what the step's run returned; None when the shard failed
     error: str | None = None
     attempts: int = 1
 
@@ -107,7 +108,7 @@ class _Worker:
         return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(),
                           revisions() if revisions else {})
 
-    def process(self, task: ShardTask) -> dict[str, Any]:
+    def process(self, task: ShardTask) -> Any:
         last = [0.0]
 
         def report(counts: dict[str, int]) -> None:
@@ -121,7 +122,7 @@ class _Worker:
         worker = {"worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id(),
                   "worker_threads": self.threads}
         stats = self.step.run(task, report, worker)
-        self.progress.update.remote(task.name, {k: v for k, v in stats.items() if isinstance(v, int)})
+        self.progress.update.remote(task.name, stats.counts())
         return stats
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 
+from capfilt.io.layout import stats_beside
 from capfilt.runtime.shards import ShardTask
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ def estimate_samples(tasks: list[ShardTask]) -> int | None:
 
     total = 0
     for task in tasks:
-        stats_url = posixpath.join(posixpath.dirname(task.url), f"{task.name}_stats.json")
+        stats_url = stats_beside(task.url, task.name)
         try:
             with fsspec.open(stats_url, "r") as f:
                 total += int(json.load(f)["successes"])

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from capfilt.io.fs import OutputDir, shard_name
+from capfilt.io.layout import stats_name
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,9 @@ def plan_shards(urls: list[str], output: str) -> list[ShardTask]:
     return [ShardTask(url=u, name=n, output=output) for u, n in zip(urls, names)]
 
 
-def done_marker(name: str) -> str:
-    return f"{name}_stats.json"
-
-
 def split_done(tasks: list[ShardTask], out: OutputDir) -> tuple[list[ShardTask], list[ShardTask]]:
     """(pending, done): a shard is done when its stats file, written last, exists."""
     present = set(out.listdir())
-    done = [t for t in tasks if done_marker(t.name) in present]
-    pending = [t for t in tasks if done_marker(t.name) not in present]
+    done = [t for t in tasks if stats_name(t.name) in present]
+    pending = [t for t in tasks if stats_name(t.name) not in present]
     return pending, done

@@ -13,6 +13,7 @@ import numpy as np
 
 from capfilt.io.fs import open_read, shard_name
 from capfilt.io.images import ImageError, decode_rgb
+from capfilt.io.layout import stats_beside
 from capfilt.io.reader import read_shard
 
 MAX_PIXELS = 50_000_000
@@ -50,11 +51,10 @@ def shuffled_pairs(urls: list[str], seed: int, epoch: int, buffer: int) -> Itera
 def count_pairs(urls: list[str]) -> int:
     """How many samples the shards hold: from their stats files when present, else a pass over headers."""
     import fsspec
-    import posixpath
 
     total = 0
     for url in urls:
-        stats_url = posixpath.join(posixpath.dirname(url), f"{shard_name(url)}_stats.json")
+        stats_url = stats_beside(url, shard_name(url))
         try:
             with fsspec.open(stats_url, "r") as f:
                 stats = json.load(f)

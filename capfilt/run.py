@@ -1,0 +1,243 @@
+"""A CapFilt run over an output folder: plan, refuse a folder of another config, run the
+pending shards on Ray, then write the run's record (``run.json``), totals (``stats.json``)
+and samples per tar (``sizes.json``).
+
+``run`` returns a ``RunOutcome``; the command line prints its summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from capfilt.config import Config
+from capfilt.io.fs import OutputDir, configure_storage, expand_input
+from capfilt.io.layout import RUN_FILE, SIZES_FILE, STATS_FILE, stats_name, tar_name
+from capfilt.runtime.executor import RayExecutor, ShardResult
+from capfilt.runtime.progress import SampleBar, estimate_samples
+from capfilt.runtime.shards import ShardTask, plan_shards, split_done
+from capfilt.stats import TIMING, Counts, ShardStats
+from capfilt.step import CapFiltStep
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("capfilt", "torch", "transformers", "ray", "webdataset", "pyarrow", "fsspec", "pillow")
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+class RunRefused(RuntimeError):
+    """The output folder was made by a different config; say ``--mode overwrite`` to replace it."""
+
+
+@dataclass
+class RunOutcome:
+    """What a run leaves: the totals written to ``stats.json`` and the shards that failed."""
+
+    stats: dict[str, Any]
+    failed: list[ShardResult] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def make_step(config: Config) -> CapFiltStep:
+    return CapFiltStep(config)
+
+
+def run(config: Config, mode: str = "incremental", verbose: bool = False,
+        progress: bool = True) -> RunOutcome:
+    """Process every pending shard of ``config.input`` into ``config.output``."""
+    if not config.input:
+        raise ValueError("no input: give --input or set 'input' in the config")
+    if not config.output:
+        raise ValueError("no output: give --output or set 'output' in the config")
+    check_models(config)
+    configure_storage(config.storage_options)
+    tasks = plan_shards(expand_input(config.input), config.output)
+    out = OutputDir(config.output)
+    _remove_temporaries(out)
+    check_compatible(out, config, mode)
+    pending, done = split_done(tasks, out) if mode == "incremental" else (tasks, [])
+    record = run_record(config, len(tasks))
+    out.write_bytes(RUN_FILE, _json(record))
+
+    start = time.time()
+    this_run = RunTally()
+    executor = RayExecutor(functools.partial(make_step, config), config.runtime)
+    _execute(executor, pending, this_run, verbose, progress)
+    _remove_temporaries(out)  # those of workers that died mid-shard
+    if executor.worker_infos:
+        record["models_resolved"] = executor.worker_infos[0].details
+        out.write_bytes(RUN_FILE, _json(record))
+    done_stats = read_done_stats(out, tasks)
+    stats = aggregate(done_stats, tasks, this_run)
+    seconds = round(time.time() - start, 3)
+    stats[TIMING].update(seconds=seconds, shards_skipped=len(done),
+                         images_per_s=round(this_run.samples / seconds, 3) if seconds > 0 else None)
+    out.write_bytes(STATS_FILE, _json(stats))
+    out.write_bytes(SIZES_FILE, _json({tar_name(n): s.tar_samples for n, s in done_stats.items()}))
+    return RunOutcome(stats, this_run.failed)
+
+
+def _execute(executor: RayExecutor, pending: list[ShardTask], this_run: "RunTally",
+             verbose: bool, progress: bool) -> None:
+    bar = SampleBar(estimate_samples(pending), len(pending), disable=not progress)
+
+    def on_result(result: ShardResult) -> None:
+        bar.shard_done()
+        this_run.add(result)
+        if not result.ok:
+            bar.write(f"shard {result.task.name} FAILED after {result.attempts} attempts: {result.error}")
+        elif verbose:
+            s = result.stats
+            bar.write(f"shard {result.task.name}: {s.samples} samples, {s.kept} kept, "
+                      f"{s.error} errors, {s.timing['seconds']:.1f}s")
+
+    try:
+        executor.run(pending, on_result=on_result, on_progress=bar.update)
+    finally:
+        bar.close()
+
+
+class RunTally:
+    """What this run did, as opposed to what the output folder holds."""
+
+    def __init__(self):
+        self.samples = 0
+        self.processed = 0
+        self.failed: list[ShardResult] = []
+        self.peak_rss_mb: dict[str, float] = {}
+
+    def add(self, result: ShardResult) -> None:
+        if not result.ok:
+            self.failed.append(result)
+            return
+        self.processed += 1
+        self.samples += result.stats.samples
+        timing = result.stats.timing
+        pid = str(timing["worker_pid"])
+        self.peak_rss_mb[pid] = max(self.peak_rss_mb.get(pid, 0.0), timing["worker_peak_rss_mb"])
+
+
+def _remove_temporaries(out: OutputDir) -> None:
+    stale = out.remove_temporaries()
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run or worker", len(stale))
+
+
+def check_models(config: Config) -> None:
+    """A model that can only be a local path must exist, before any worker tries to load it."""
+    for key, name in (("captioner.model", config.captioner.model), ("filter.model", config.filter.model)):
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_local and not os.path.isdir(os.path.expanduser(name)):
+            raise ValueError(f"{key}: {name!r} is not a folder, nor a hub id like 'Salesforce/blip-itm-large-coco'"
+                             " (make tiny local models with: capfilt tiny-models DIR)")
+
+
+def check_compatible(out: OutputDir, config: Config, mode: str) -> None:
+    if mode == "overwrite" or not out.exists(RUN_FILE):
+        return
+    previous = json.loads(out.read_text(RUN_FILE))
+    if previous.get("fingerprint") != config.fingerprint():
+        raise RunRefused(
+            f"{out.url} holds output made with a different config, or by a capfilt version "
+            f"that makes other output from it "
+            f"(fingerprint {previous.get('fingerprint')} != {config.fingerprint()}); "
+            "use another output folder, or --mode overwrite to redo it"
+        )
+
+
+def run_record(config: Config, shards: int) -> dict[str, Any]:
+    """``run.json``: the resolved config (credentials redacted), fingerprint, versions, models."""
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    resolved = config.to_dict()
+    resolved["storage_options"] = redact(resolved["storage_options"])
+    return {
+        "config": resolved,
+        "fingerprint": config.fingerprint(),
+        "versions": versions,
+        "models": {
+            "captioner": {"model": config.captioner.model, "revision": config.captioner.revision},
+            "filter": {"model": config.filter.model, "revision": config.filter.revision},
+        },
+        "shards": shards,
+    }
+
+
+def redact(options: Any) -> Any:
+    """Storage options without credentials, at any depth (``client_kwargs`` too), for run.json."""
+    if isinstance(options, dict):
+        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(v, dict)
+                else redact(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
+
+
+def read_done_stats(out: OutputDir, tasks: list[ShardTask]) -> dict[str, ShardStats]:
+    """The stats of every done shard of the input, by shard name."""
+    present = set(out.listdir())
+    return {t.name: ShardStats.from_json(out.read_text(stats_name(t.name)))
+            for t in tasks if stats_name(t.name) in present}
+
+
+def aggregate(done_stats: dict[str, ShardStats], tasks: list[ShardTask],
+              this_run: RunTally) -> dict[str, Any]:
+    """``stats.json``: totals over every done shard of the input, and what this run did."""
+    totals = Counts.total(done_stats.values())
+    return {
+        "shards": len(tasks),
+        "shards_done": len(done_stats),
+        "shards_failed": len(this_run.failed),
+        "failed": [{"shard": r.task.name, "input": r.task.url, "attempts": r.attempts,
+                    "error": r.error} for r in this_run.failed],
+        **totals.as_dict(),
+        "web_kept_pct": totals.web_kept_pct,
+        "captions_kept_pct": totals.captions_kept_pct,
+        TIMING: {
+            "shards_processed": this_run.processed,
+            "samples_processed": this_run.samples,
+            "worker_peak_rss_mb": this_run.peak_rss_mb,
+        },
+    }
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8")
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    """The run's summary, as the command line prints it."""
+    rows = [
+        ("shards done", f"{stats['shards_done']} of {stats['shards']}"),
+        ("shards skipped (already done)", stats[TIMING]["shards_skipped"]),
+        ("shards failed", stats["shards_failed"]),
+        ("samples in", stats["samples"]),
+        ("kept", stats["kept"]),
+        ("dropped", stats["dropped"]),
+        ("errors", stats["error"]),
+        ("web texts kept", _fmt_pct(stats["web_kept"], stats["web_kept_pct"])),
+        ("synthetic captions kept", _fmt_pct(stats["captions_kept"], stats["captions_kept_pct"])),
+        ("images/s (this run)", stats[TIMING]["images_per_s"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["", "capfilt summary"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines += [f"  FAILED {f['shard']} ({f['input']}): {f['error']}" for f in stats["failed"]]
+    return "\n".join(lines)
+
+
+def _fmt_pct(count: int, pct: float | None) -> str:
+    return f"{count} ({pct:.1f}%)" if pct is not None else f"{count}"
