@@ -12,8 +12,7 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-
+from capfilt.config import ReaderConfig
 from capfilt.io.fs import open_read, shard_name
 from capfilt.sample import Sample
 
@@ -22,12 +21,6 @@ log = logging.getLogger(__name__)
 
 class ShardReadError(OSError):
     """The shard is not a readable tar at all: a failure of the shard, to retry and report."""
-
-
-@dataclass
-class ReaderOptions:
-    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-    max_member_bytes: int = 64 * 1024 * 1024
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -49,14 +42,14 @@ def unsafe_name(name: str) -> str | None:
     return None
 
 
-def read_shard(url: str, options: ReaderOptions | None = None) -> Iterator[Sample]:
+def read_shard(url: str, options: ReaderConfig | None = None) -> Iterator[Sample]:
     """Yield one ``Sample`` per key in ``url``; unreadable parts become error samples.
 
     Opening the shard can raise (missing file, network): that is a shard failure for
     the caller to retry. A tar that ends in the middle of a member yields the
     samples before it and one error sample for the cut-off key.
     """
-    options = options or ReaderOptions()
+    options = options or ReaderConfig()
     extra = sidecar_metadata(url)
     with open_read(url) as stream:
         for sample in _read_stream(stream, url, options):
@@ -86,7 +79,7 @@ def sidecar_metadata(url: str) -> dict[str, dict]:
             for row in rows if isinstance(row.get("key"), str)}
 
 
-def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:
+def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
     seen: set[str] = set()
     group_key: str | None = None
     members: dict[str, bytes] = {}
@@ -124,7 +117,7 @@ def _read_stream(stream, url: str, options: ReaderOptions) -> Iterator[Sample]:
 
 
 def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[str],
-              url: str, options: ReaderOptions) -> Sample:
+              url: str, options: ReaderConfig) -> Sample:
     sample = Sample(key=key, source=url)
     reason = unsafe_name(key)
     if reason:
