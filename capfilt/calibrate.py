@@ -64,6 +64,7 @@ def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
     """(RGB images, texts, labels) of a labelled set: webdataset shards whose json has a
     ``label`` (or ``match``) field, or parquet files with ``text``, ``label`` and ``image``
     (bytes) columns."""
+    from capfilt.config import MAX_IMAGE_PIXELS
     from capfilt.io.fs import expand_input
     from capfilt.io.images import decode_rgb
     from capfilt.io.reader import read_shard
@@ -83,7 +84,7 @@ def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
         for image, text, label in records:
             if image is None or text is None or label is None:
                 continue
-            images.append(decode_rgb(bytes(image), 50_000_000))
+            images.append(decode_rgb(bytes(image), MAX_IMAGE_PIXELS))
             texts.append(text)
             labels.append(bool(label))
     if not labels or all(labels) or not any(labels):

@@ -25,6 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from capfilt.config import MAX_IMAGE_PIXELS
 from capfilt.io.fs import unstrip
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
@@ -59,7 +60,7 @@ class ReportData:
 
 
 def build_report(output: str, max_shards: int = 16, examples: int = 12, image_shards: int = 4,
-                 max_pixels: int = 50_000_000, seed: int = 0) -> ReportData:
+                 max_pixels: int = MAX_IMAGE_PIXELS, seed: int = 0) -> ReportData:
     """Read ``output`` (a capfilt output folder, local or fsspec URL) into a ``ReportData``."""
     fs, root = url_to_fs(output)
     if not fs.isdir(root):

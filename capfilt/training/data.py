@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from capfilt.config import MAX_IMAGE_PIXELS
 from capfilt.io.fs import open_read, shard_name
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.layout import stats_beside
 from capfilt.io.reader import read_shard
 
-MAX_PIXELS = 50_000_000
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
@@ -91,7 +91,7 @@ class ImageTransform:
         """``rng`` None: no augmentation (evaluation)."""
         from PIL import Image
 
-        image = decode_rgb(data, MAX_PIXELS)
+        image = decode_rgb(data, MAX_IMAGE_PIXELS)
         if rng is not None:
             image = image.crop(self._crop_box(image.size, rng))
             if self.hflip and rng.random() < 0.5:
