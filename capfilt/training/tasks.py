@@ -17,9 +17,8 @@ class CaptionerTask:
 
     name = "captioner"
 
-    def __init__(self, model, tokenizer, cfg: TrainConfig, prompt: str, interpolate: bool):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.prompt, self.interpolate = prompt, interpolate
+    def __init__(self, model, tokenizer, cfg: TrainConfig, prompt: str):
+        self.model, self.tokenizer, self.cfg, self.prompt = model, tokenizer, cfg, prompt
         # As BLIP: the prompt's tokens after [CLS]->[DEC], without the final [SEP].
         self.prompt_len = len(tokenizer(prompt).input_ids) - 1
         self.extra_parameters: dict[str, torch.nn.Parameter] = {}
@@ -31,8 +30,7 @@ class CaptionerTask:
         input_ids[:, 0] = self.model.config.text_config.bos_token_id
         labels = input_ids.masked_fill(tokens.attention_mask == 0, -100)
         labels[:, : self.prompt_len] = -100
-        image_embeds = self.model.vision_model(
-            pixel_values=pixels, interpolate_pos_encoding=self.interpolate).last_hidden_state
+        image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
         logits = self.model.text_decoder(
             input_ids=input_ids, attention_mask=tokens.attention_mask,
             encoder_hidden_states=image_embeds, return_dict=True).logits
@@ -62,16 +60,15 @@ class FilterTask:
 
     name = "filter"
 
-    def __init__(self, model, tokenizer, cfg: TrainConfig, interpolate: bool):
-        self.model, self.tokenizer, self.cfg, self.interpolate = model, tokenizer, cfg, interpolate
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         temp = torch.nn.Parameter(torch.tensor(float(cfg.temperature)))
         self.extra_parameters = {"temp": temp}
 
     def _encode(self, pixels, texts):
         tokens = self.tokenizer(texts, padding="longest", truncation=True,
                                 max_length=self.cfg.max_text_tokens, return_tensors="pt").to(pixels.device)
-        image_embeds = self.model.vision_model(
-            pixel_values=pixels, interpolate_pos_encoding=self.interpolate).last_hidden_state
+        image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
         image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
         text_cls = self.model.text_encoder(input_ids=tokens.input_ids,
                                            attention_mask=tokens.attention_mask).last_hidden_state[:, 0]

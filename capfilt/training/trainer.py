@@ -265,9 +265,8 @@ def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progres
     if model.config.vision_config.image_size != cfg.image_size:
         raise ValueError(f"finetune.{kind}.image_size is {cfg.image_size} but {cfg.init} was trained at "
                          f"{model.config.vision_config.image_size}; set image_size to that")
-    interpolate = False
-    task = (CaptionerTask(model, tokenizer, cfg, prompt, interpolate) if kind == "captioner"
-            else FilterTask(model, tokenizer, cfg, interpolate))
+    task = (CaptionerTask(model, tokenizer, cfg, prompt) if kind == "captioner"
+            else FilterTask(model, tokenizer, cfg))
     trainer = Trainer(task, cfg, tokenizer, mean, std, device)
     trainer.resume()
     trainer.fit(progress=progress)
