@@ -213,8 +213,8 @@ class RuntimeConfig:
 
 # Raised when capfilt itself makes different output from the same config, so that a run is
 # not resumed into a folder of the older output. 2: captions drawn by NucleusSampler
-# (capfilt/models/sampling.py) instead of transformers' sampling.
-OUTPUT_REVISION = 2
+# (capfilt/models/sampling.py) instead of transformers' sampling. 3: the parquet's tar_bytes.
+OUTPUT_REVISION = 3
 
 
 @dataclass(config=STRICT)

@@ -29,17 +29,14 @@ from capfilt.io.fs import OutputDir, expand_input, open_read
 from capfilt.io.reader import split_key, unsafe_name
 from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, STATS_SUFFIX, parquet_name,
                                shard_files, shard_of_stats, stats_name, tar_name)
-from capfilt.io.writer import PARQUET_SCHEMA, capfilt_record
+from capfilt.io.writer import PARQUET_SCHEMA, TAR_BYTES
 from capfilt.stats import TIMING
-from capfilt.sample import KEPT, Sample
+from capfilt.sample import KEPT
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 OUTPUT_SCHEMA = PARQUET_SCHEMA.append(pa.field("source_shard", pa.string(), nullable=False))
-TAR_BLOCK = 512
-# The threshold is in each kept json but not in the parquet; its digits barely move the estimate.
-ESTIMATE_THRESHOLD = 0.5
 
 Progress = Callable[[int, int], None]  # (kept samples done, kept samples in the plan)
 Range = list  # [input shard name, first kept index, end kept index (exclusive)]
@@ -77,7 +74,7 @@ class Target:
 class InputShard:
     name: str
     kept: int
-    sizes: list[int] | None  # estimated tar bytes per kept sample, when planning by bytes
+    sizes: list[int] | None  # tar bytes per kept sample (the writer's tar_bytes), when planning by bytes
 
 
 @dataclass
@@ -120,6 +117,8 @@ def _read_stats(url: str) -> dict[str, Any]:
 def _kept_rows(url: str, data: bytes) -> pa.Table:
     """The rows with status 'kept', in file order, with exactly ``PARQUET_SCHEMA``."""
     table = pq.read_table(pa.BufferReader(data))
+    if TAR_BYTES not in table.column_names:  # written before capfilt recorded it
+        table = table.append_column(TAR_BYTES, pa.nulls(table.num_rows, pa.int64()))
     missing = [n for n in PARQUET_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ReshardError(f"{url}: not a capfilt parquet (missing columns {missing})")
@@ -138,7 +137,7 @@ def scan_inputs(input_url: str, with_sizes: bool) -> Inputs:
         data = _read_bytes(url)
         kept = _kept_rows(url, data)
         _claim_keys(owner, kept["key"].to_pylist(), name)
-        sizes = [estimated_bytes(row) for row in kept.to_pylist()] if with_sizes else None
+        sizes = _sizes(url, kept) if with_sizes else None
         shards.append(InputShard(name, kept.num_rows, sizes))
         records.append({"shard": name, "stats": _read_stats(stats_url),
                         "parquet_sha256": hashlib.sha256(data).hexdigest()})
@@ -156,31 +155,22 @@ def _claim_keys(owner: dict[str, str], keys: list[str], shard: str) -> None:
         owner[key] = shard
 
 
+def _sizes(url: str, kept: pa.Table) -> list[int]:
+    sizes = kept[TAR_BYTES].to_pylist()
+    if None in sizes:
+        raise ReshardError(f"{url}: no {TAR_BYTES} for kept sample {kept['key'][sizes.index(None)]}"
+                           " (written by an older capfilt): reshard it by --samples-per-shard")
+    return sizes
+
+
+def tar_file_bytes(member_bytes: int) -> int:
+    """The size of a tar whose members take ``member_bytes``: they, the two zero blocks that
+    end the archive, and padding to a whole record, as tarfile writes it."""
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def estimated_bytes(row: dict[str, Any]) -> int:
-    """Tar bytes of a kept sample (image, txt, json: header and padded data each), from its row.
-
-    The json is rebuilt as the writer makes it; only the threshold, absent from the
-    row, is a guess. Exact for capfilt's own tars up to that guess.
-    """
-    text = (row["text"] or "").encode("utf-8")
-    return sum(TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
-               for size in (row["image_bytes"] or 0, len(text), _json_bytes(row)))
-
-
-def _json_bytes(row: dict[str, Any]) -> int:
-    meta = json.loads(row["input_json"]) if row["input_json"] else {}
-    sample = Sample(key=row["key"], web_text=row["web_text"], captions=row["captions"] or [],
-                    web_score=row["web_score"], caption_scores=row["caption_scores"] or [],
-                    kept_texts=list(zip(row["kept_texts"] or [], row["kept_origins"] or [],
-                                        row["kept_scores"] or [])),
-                    text=row["text"])
-    meta = (meta if isinstance(meta, dict) else {"value": meta}) | {
-        "capfilt": capfilt_record(sample, ESTIMATE_THRESHOLD)}
-    return len(json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -207,14 +197,15 @@ def make_plan(input_url: str, inputs: Inputs, target: Target) -> dict[str, Any]:
 
 
 def _shard_counts(shards: list[InputShard], target: Target) -> list[int]:
-    """Samples per output shard; never 0, and a sample over the byte target goes alone."""
+    """Samples per output shard; never 0. A tar's size is at most the byte target, unless it
+    holds a single sample that alone is larger."""
     total = sum(s.kept for s in shards)
     if target.samples_per_shard is not None:
         full, rest = divmod(total, target.samples_per_shard)
         return [target.samples_per_shard] * full + ([rest] if rest else [])
     counts, count, size = [], 0, 0
     for sample_size in (n for s in shards for n in s.sizes):
-        if count and size + sample_size > target.bytes_per_shard:
+        if count and tar_file_bytes(size + sample_size) > target.bytes_per_shard:
             counts.append(count)
             count, size = 0, 0
         count, size = count + 1, size + sample_size

@@ -480,6 +480,20 @@ def test_shard_writer_parquet_has_a_row_per_sample(tmp_path):
     assert rows[2]["text"] is None and rows[2]["kept_texts"] == []
 
 
+@pytest.mark.parametrize("layout", ["per_image", "pairs"])
+def test_shard_writer_records_each_kept_samples_bytes_in_the_tar(tmp_path, layout):
+    write_output(tmp_path / "out", shard_samples(), layout=layout)
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    sizes = [r["tar_bytes"] for r in rows]
+    assert sizes[2:] == [None, None]  # dropped, error: not in the tar
+    members = {}
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        for info in tar:  # header block(s), then the data padded to whole blocks
+            key = info.name.split(".")[0].split("_")[0]
+            members[key] = members.get(key, 0) + (info.offset_data - info.offset) + -(-info.size // 512) * 512
+    assert sizes[:2] == [members["000"], members["001"]]
+
+
 def test_shard_writer_output_is_deterministic(tmp_path):
     write_output(tmp_path / "a", shard_samples())
     write_output(tmp_path / "b", shard_samples())

@@ -9,6 +9,7 @@ import itertools
 import json
 import posixpath
 import random
+import shutil
 import tarfile
 
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from capfilt.io.writer import ShardWriter
 from capfilt.io.layout import RESHARD_PLAN_FILE as PLAN_FILE
 from capfilt.io.layout import stats_name
 from capfilt.reshard import (OUTPUT_SCHEMA, ReshardError, ReshardRefused, Target,
-                             estimated_bytes, plan_reshard, reshard)
+                             plan_reshard, reshard, tar_file_bytes)
 from capfilt.sample import DROPPED, ERROR, KEPT, Sample
 from capfilt.stats import ShardStats
 from conftest import image_bytes
@@ -186,23 +187,28 @@ def member_blocks(path) -> int:
     return sum(512 + -(-len(data) // 512) * 512 for _, _, data in tar_members(path))
 
 
-def test_by_bytes_fills_shards_up_to_the_target_and_a_big_sample_goes_alone(clean, tmp_path):
+@pytest.mark.parametrize("record_aligned", [True, False])
+def test_by_bytes_fills_shards_up_to_the_target_and_a_big_sample_goes_alone(clean, tmp_path, record_aligned):
     out = tmp_path / "out"
     rows = source_rows(clean)
-    sizes = {k: estimated_bytes(rows[k]) for k in KEPT_KEYS}
+    sizes = {k: rows[k]["tar_bytes"] for k in KEPT_KEYS}
     big = "000020005"
     small = sorted(v for k, v in sizes.items() if k != big)
-    target = small[-1] + small[-2] + small[-3]  # any three small samples fit
-    assert sizes[big] > target
+    # Three samples' members and the end-of-archive blocks; aligned, it is a whole number of
+    # tar records, so any three small samples fit. Not aligned, the record padding must count.
+    target = small[-1] + small[-2] + small[-3] + 1024
+    target = tar_file_bytes(target) if record_aligned else target
+    assert tar_file_bytes(sizes[big]) > target
     reshard(str(clean), str(out), bytes_per_shard=target)
     keys_per_shard = check_output(clean, out)
     assert [big] in keys_per_shard
     for shard, keys in zip(output_shards(out), keys_per_shard):
-        # The estimate from the parquet is what the members really take.
+        # The writer's record is what the members really take, and the target bounds the file.
         assert member_blocks(out / f"{shard}.tar") == sum(sizes[k] for k in keys)
-        assert keys and (len(keys) == 1 or sum(sizes[k] for k in keys) <= target)
+        assert tar_file_bytes(sum(sizes[k] for k in keys)) == (out / f"{shard}.tar").stat().st_size
+        assert keys and (len(keys) == 1 or (out / f"{shard}.tar").stat().st_size <= target)
     for keys, following in itertools.pairwise(keys_per_shard):  # no shard could take one more
-        assert sum(sizes[k] for k in keys) + sizes[following[0]] > target
+        assert tar_file_bytes(sum(sizes[k] for k in keys) + sizes[following[0]]) > target
     assert len(keys_per_shard) < len(KEPT_KEYS) - 1
 
 
@@ -417,3 +423,14 @@ def test_bad_command_lines_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         parse(argv)
     assert info.value.code == 2
+
+
+def test_an_output_without_tar_bytes_reshards_by_samples_only(clean, tmp_path):
+    """A parquet from before capfilt recorded each sample's tar bytes: no guessing its sizes."""
+    old = tmp_path / "old"
+    shutil.copytree(clean, old)
+    path = old / "00000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["tar_bytes"]), path)
+    with pytest.raises(ReshardError, match=r"00000.parquet: no tar_bytes .* --samples-per-shard"):
+        reshard(str(old), str(tmp_path / "by_bytes"), bytes_per_shard=10**6)
+    assert reshard(str(old), str(tmp_path / "by_samples"), samples_per_shard=4)["samples"] == len(KEPT_KEYS)

@@ -22,6 +22,10 @@ from capfilt.stats import ShardStats
 # Fixed so that identical inputs give byte-identical tars.
 TAR_MTIME = 0
 
+# Bytes a kept sample takes in the tar, headers and padding included (all its pairs in the
+# pairs layout); null when it is not in the tar. capfilt reshard plans from it.
+TAR_BYTES = "tar_bytes"
+
 PARQUET_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),
@@ -48,6 +52,7 @@ PARQUET_SCHEMA = pa.schema([
     pa.field("kept_scores", pa.list_(pa.float64())),
     # The input json as it was, for every other field a downloader wrote.
     pa.field("input_json", pa.string()),
+    pa.field(TAR_BYTES, pa.int64()),
 ])
 
 
@@ -93,6 +98,7 @@ def parquet_row(sample: Sample) -> dict[str, Any]:
         "kept_origins": [k[1] for k in sample.kept_texts],
         "kept_scores": [k[2] for k in sample.kept_texts],
         "input_json": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
+        TAR_BYTES: None,
     }
 
 
@@ -136,10 +142,18 @@ class ShardWriter:
         return self
 
     def write(self, sample: Sample) -> None:
-        self.rows.append(parquet_row(sample))
+        row = parquet_row(sample)
         self.stats.add(sample)
+        self.rows.append(row)
         if sample.status != KEPT:
             return
+        # tarfile counts what it has written (headers, data, padding) in ``offset``, also in
+        # stream mode, where the file's own position lags behind its buffer.
+        start = self._tar.tarstream.offset
+        self._write_kept(sample)
+        row[TAR_BYTES] = self._tar.tarstream.offset - start
+
+    def _write_kept(self, sample: Sample) -> None:
         meta = dict(sample.meta)
         meta["capfilt"] = capfilt_record(sample, self.threshold)
         if self.layout == "pairs":
