@@ -147,6 +147,7 @@ class RayExecutor:
         self.step_factory = step_factory
         self.runtime = runtime
         self.worker_infos: list[WorkerInfo] = []
+        self._replacements = 0  # dead workers replaced in this run
 
     def run(self, tasks: list[ShardTask],
             on_result: Callable[[ShardResult], None] | None = None,
@@ -186,8 +187,8 @@ class RayExecutor:
         return actor_cls.remote(self.step_factory, progress_name, rt.cpus_per_worker,
                                 rt.retain_freed_memory)
 
-    def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
-        rt = self.runtime
+    def _start(self, ray, workers: int) -> tuple[str, Any, list]:
+        """The progress actor (its name and handle) and ``workers`` workers with the step built."""
         progress_name = f"capfilt-progress-{uuid.uuid4().hex}"
         # On the driver's node, which lives as long as the run; workers' nodes may not.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -195,17 +196,21 @@ class RayExecutor:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(_Progress).options(
             name=progress_name, num_cpus=0, scheduling_strategy=here).remote()
-        workers = [self._new_worker(ray, progress_name) for _ in range(min(rt.num_workers, len(tasks)))]
+        started = [self._new_worker(ray, progress_name) for _ in range(workers)]
         try:
-            self.worker_infos = ray.get([w.info.remote() for w in workers])
+            self.worker_infos = ray.get([w.info.remote() for w in started])
         except ray.exceptions.RayActorError as exc:
             raise WorkerStartError(f"workers failed to start: {_root_cause(exc)}") from exc
+        return progress_name, progress, started
+
+    def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
+        rt = self.runtime
+        progress_name, progress, idle = self._start(ray, min(rt.num_workers, len(tasks)))
         pending = deque(tasks)
         attempts: Counter = Counter()
         inflight: dict[Any, tuple[Any, ShardTask]] = {}
-        idle = list(workers)
         results: list[ShardResult] = []
-        replacements = 0
+        self._replacements = 0
         while pending or inflight:
             while idle and pending:
                 worker, task = idle.pop(), pending.popleft()
@@ -216,15 +221,7 @@ class RayExecutor:
                 _report_progress(ray, progress, on_progress)
             for ref in ready:
                 worker, task = inflight.pop(ref)
-                try:
-                    result = ShardResult(task, ray.get(ref), attempts=attempts[task])
-                except ray.exceptions.RayActorError as exc:
-                    result = ShardResult(task, None, f"worker died: {exc}", attempts[task])
-                    if replacements < rt.num_workers * max(1, rt.max_restarts):
-                        replacements += 1
-                        worker = self._new_worker(ray, progress_name)
-                except ray.exceptions.RayTaskError as exc:
-                    result = ShardResult(task, None, _task_error(exc), attempts[task])
+                result, worker = self._collect(ray, ref, worker, task, attempts[task], progress_name)
                 idle.append(worker)
                 if not result.ok and attempts[task] < rt.shard_attempts:
                     log.warning("shard %s failed (attempt %d), retrying: %s",
@@ -237,6 +234,20 @@ class RayExecutor:
         if on_progress:
             _report_progress(ray, progress, on_progress)
         return results
+
+    def _collect(self, ray, ref, worker, task: ShardTask, attempt: int,
+                 progress_name: str) -> tuple[ShardResult, Any]:
+        """A finished task's result, and the worker to give the next task (a new one if it died)."""
+        rt = self.runtime
+        try:
+            return ShardResult(task, ray.get(ref), attempts=attempt), worker
+        except ray.exceptions.RayActorError as exc:
+            if self._replacements < rt.num_workers * max(1, rt.max_restarts):
+                self._replacements += 1
+                worker = self._new_worker(ray, progress_name)
+            return ShardResult(task, None, f"worker died: {exc}", attempt), worker
+        except ray.exceptions.RayTaskError as exc:
+            return ShardResult(task, None, _task_error(exc), attempt), worker
 
 
 def _report_progress(ray, progress, on_progress) -> None:
