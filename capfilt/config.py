@@ -18,6 +18,8 @@ from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, Valida
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
+from capfilt.io.fs import read_bytes
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value."""
@@ -249,11 +251,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, **t
     """Read YAML at ``path`` (or the defaults), apply ``KEY=VALUE`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            raw = yaml.safe_load(read_bytes(path)) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides or []:

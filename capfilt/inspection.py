@@ -6,10 +6,7 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
-from fsspec.core import url_to_fs
-
-from capfilt.io.fs import expand_input, shard_name
+from capfilt.io.fs import exists, expand_input, isdir, open_read, shard_name
 from capfilt.io.reader import read_shard
 
 
@@ -22,8 +19,7 @@ def iter_rows(path: str, status: str | None = None, key: str | None = None) -> I
 
 
 def _rows(path: str) -> Iterator[dict[str, Any]]:
-    fs, local = url_to_fs(path)
-    if fs.isdir(local):
+    if isdir(path):
         for found in expand_input(path, suffixes=(".parquet",)):
             yield from _parquet_rows(found)
         return
@@ -31,7 +27,7 @@ def _rows(path: str) -> Iterator[dict[str, Any]]:
         yield from _parquet_rows(path)
         return
     sidecar = posixpath.join(posixpath.dirname(path), shard_name(path) + ".parquet")
-    if fs.exists(url_to_fs(sidecar)[1]) and _is_capfilt_parquet(sidecar):
+    if exists(sidecar) and _is_capfilt_parquet(sidecar):
         yield from _parquet_rows(sidecar)
         return
     for sample in read_shard(path):
@@ -43,14 +39,14 @@ def _rows(path: str) -> Iterator[dict[str, Any]]:
 def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    with fsspec.open(path, "rb") as f:
+    with open_read(path) as f:
         yield from pq.read_table(f).to_pylist()
 
 
 def _is_capfilt_parquet(path: str) -> bool:
     import pyarrow.parquet as pq
 
-    with fsspec.open(path, "rb") as f:
+    with open_read(path) as f:
         return "web_score" in pq.read_schema(f).names
 
 

@@ -3,7 +3,7 @@
 Bounded on any output size: totals come from the per-shard stats files (small JSON, all of
 them), scores and examples from the parquet of at most ``max_shards`` shards spread evenly
 over the run, and thumbnails from at most ``image_shards`` tars, each streamed only until
-its wanted keys are found. Everything is read through fsspec. The page embeds its images
+its wanted keys are found. Everything is read through ``capfilt.io.fs``. The page embeds its images
 and plots as data URIs, loads nothing and runs no script; every text from the data is
 escaped (it is untrusted web text).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import posixpath
 import random
 import re
@@ -22,11 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-from fsspec.core import url_to_fs
-
 from capfilt.config import MAX_IMAGE_PIXELS
-from capfilt.io.fs import unstrip
+from capfilt.io.fs import exists, isdir, open_read, read_json, read_matching, write_file
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
 from capfilt.io.layout import RUN_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
@@ -62,18 +58,18 @@ class ReportData:
 def build_report(output: str, max_shards: int = 16, examples: int = 12, image_shards: int = 4,
                  max_pixels: int = MAX_IMAGE_PIXELS, seed: int = 0) -> ReportData:
     """Read ``output`` (a capfilt output folder, local or fsspec URL) into a ``ReportData``."""
-    fs, root = url_to_fs(output)
-    if not fs.isdir(root):
+    if not isdir(output):
         raise FileNotFoundError(f"{output}: no such output folder")
-    run = _read_json(fs, posixpath.join(root, RUN_FILE)) or {}
+    root = output.rstrip("/") or "/"
+    run = read_json(posixpath.join(root, RUN_FILE)) or {}
     config = run.get("config", {})
     threshold = float(config.get("filter", {}).get("threshold", 0.5))
-    stats_paths = sorted(fs.glob(posixpath.join(root, stats_name("*"))))
-    if not stats_paths:
+    stats_files = read_matching(posixpath.join(root, stats_name("*")))
+    if not stats_files:
         raise FileNotFoundError(f"{output}: no finished shard (no {stats_name('*')}): is it a capfilt output?")
-    shards = [_shard_stats(path, data) for path, data in sorted(fs.cat(stats_paths).items())]
+    shards = [_shard_stats(path, data) for path, data in sorted(stats_files.items())]
     totals = dict(Counts.total(shards).as_dict(), shards=len(shards))
-    summary = _read_json(fs, posixpath.join(root, STATS_FILE)) or {}
+    summary = read_json(posixpath.join(root, STATS_FILE)) or {}
 
     # Parquet of a bounded, evenly spread set of shards: scores, errors and example candidates.
     step = max(1, len(shards) / max(1, max_shards))
@@ -81,7 +77,7 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
     rows: list[dict[str, Any]] = []
     for shard in picked:
         path = posixpath.join(root, parquet_name(shard.shard))
-        for row in _parquet_rows(fs, path):
+        for row in _parquet_rows(path):
             row["_shard"] = shard.shard
             rows.append(row)
     errors = Counter(error_reason(r["error"], r["key"]) for r in rows if r["status"] == "error")
@@ -92,12 +88,8 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
                       [s.shard for s in picked], len(rows), errors, web_scores, caption_scores)
     data.examples = _pick_examples(rows, threshold, examples, image_shards, seed)
     inputs = {s.shard: s.input or None for s in shards}
-    _attach_thumbnails(fs, root, data.examples, inputs, max_pixels)
+    _attach_thumbnails(root, data.examples, inputs, max_pixels)
     return data
-
-
-def _read_json(fs, path: str) -> dict[str, Any] | None:
-    return json.loads(fs.cat(path)) if fs.exists(path) else None
 
 
 def _shard_stats(path: str, data: bytes) -> ShardStats:
@@ -107,12 +99,12 @@ def _shard_stats(path: str, data: bytes) -> ShardStats:
     return stats
 
 
-def _parquet_rows(fs, path: str) -> list[dict[str, Any]]:
+def _parquet_rows(path: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    if not fs.exists(path):
+    if not exists(path):
         return []
-    with fs.open(path, "rb") as f:
+    with open_read(path) as f:
         return pq.read_table(f, columns=COLUMNS).to_pylist()
 
 
@@ -157,7 +149,7 @@ def _pick_examples(rows, threshold: float, count: int, image_shards: int, seed: 
     return picked
 
 
-def _attach_thumbnails(fs, root: str, examples, inputs: dict[str, str | None], max_pixels: int) -> None:
+def _attach_thumbnails(root: str, examples, inputs: dict[str, str | None], max_pixels: int) -> None:
     """Give each example a ``_thumb`` data URI (or ``_thumb_error``): streamed from the shard's
     input tar, or, for kept samples, from the output tar when the input is gone."""
     wanted: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -166,7 +158,7 @@ def _attach_thumbnails(fs, root: str, examples, inputs: dict[str, str | None], m
             wanted.setdefault(row["_shard"], {}).setdefault(row["key"], []).append(row)
     for shard, by_key in wanted.items():
         found: dict[str, bytes] = {}
-        sources = [inputs.get(shard), unstrip(fs, posixpath.join(root, tar_name(shard)))]
+        sources = [inputs.get(shard), posixpath.join(root, tar_name(shard))]
         reasons = []
         for source in (s for s in sources if s):
             missing = set(by_key) - set(found)
@@ -354,5 +346,4 @@ def _card(row: dict[str, Any], threshold: float) -> str:
 
 
 def write_report(data: ReportData, path: str) -> None:
-    with fsspec.open(path, "w", encoding="utf-8") as f:
-        f.write(render_html(data))
+    write_file(path, render_html(data).encode("utf-8"))

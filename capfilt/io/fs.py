@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 from braceexpand import braceexpand
@@ -94,6 +96,62 @@ def open_read(url: str) -> IO[bytes]:
     return fsspec.open(url, "rb").open()
 
 
+def read_bytes(url: str) -> bytes:
+    with open_read(url) as f:
+        return f.read()
+
+
+def read_json(url: str) -> Any:
+    """The parsed JSON file at ``url``; None when there is no such file."""
+    try:
+        return json.loads(read_bytes(url))
+    except FileNotFoundError:
+        return None
+
+
+def read_matching(pattern: str) -> dict[str, bytes]:
+    """Every file matching a glob pattern, by URL; fetched concurrently on object stores."""
+    fs, path = url_to_fs(pattern)
+    paths = sorted(fs.glob(path))
+    return {unstrip(fs, p): data for p, data in fs.cat(paths).items()} if paths else {}
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def isdir(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.isdir(path)
+
+
+def write_file(url: str, data: bytes) -> None:
+    """Write one file, which appears only when complete (its folder is made if need be)."""
+    folder, name = posixpath.split(url)
+    OutputDir(folder or ".").write_bytes(name, data)
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local folder with the files of the folder ``url`` (for transformers' from_pretrained).
+
+    A local path, or a name that is no URL (a hub id), is given back unchanged. Of a
+    remote folder, the files are downloaded (not its subfolders, such as a fine-tuned
+    model's ``checkpoints/``) to a temporary folder, removed on exit.
+    """
+    fs, path = url_to_fs(url)
+    if _is_local(fs):
+        yield url
+        return
+    fs.invalidate_cache(path)  # object stores cache listings; this folder may just have been written
+    with tempfile.TemporaryDirectory(prefix="capfilt-") as local:
+        for entry in fs.ls(path, detail=True):
+            if entry["type"] == "file":
+                fs.get_file(entry["name"], os.path.join(local, posixpath.basename(entry["name"])))
+        yield local
+
+
 class OutputDir:
     """An output folder on any filesystem, where files appear only when complete."""
 
@@ -143,6 +201,23 @@ class OutputDir:
         with self.atomic_open(name) as f:
             f.write(data)
 
+    @contextlib.contextmanager
+    def write_folder(self) -> Iterator[str]:
+        """A local temporary folder to fill (transformers' save_pretrained needs one).
+
+        On success its files are copied here, each appearing only when complete; the
+        caller writes a marker afterwards if the set of files must appear complete too.
+        """
+        with tempfile.TemporaryDirectory(prefix="capfilt-") as local:
+            yield local
+            for name in sorted(os.listdir(local)):
+                source = os.path.join(local, name)
+                if not os.path.isfile(source):
+                    raise ValueError(f"{name}: write_folder copies files, not subfolders")
+                tmp = self.path(temporary_name(name, uuid.uuid4().hex[:12]))
+                self.fs.put_file(source, tmp)
+                self._rename(tmp, self.path(name))
+
     def _rename(self, src: str, dst: str) -> None:
         if _is_local(self.fs):
             os.replace(src, dst)  # atomic on POSIX
@@ -152,6 +227,10 @@ class OutputDir:
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(name))
+
+    def remove_folder(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(name), recursive=True)
 
     def remove_temporaries(self) -> list[str]:
         """Delete temporary files a killed run left behind; returns their names."""

@@ -63,12 +63,11 @@ def sidecar_metadata(url: str) -> dict[str, dict]:
 
     They fill in fields a sample's json lacks. Absent or unreadable: no extra fields.
     """
-    import fsspec
     import pyarrow.parquet as pq
 
     path = posixpath.join(posixpath.dirname(url), shard_name(url) + ".parquet")
     try:
-        with fsspec.open(path, "rb") as f:
+        with open_read(path) as f:
             rows = pq.read_table(f).to_pylist()
     except FileNotFoundError:
         return {}

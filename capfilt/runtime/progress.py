@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
+from capfilt.io.fs import read_json
 from capfilt.io.layout import stats_beside
 from capfilt.runtime.shards import ShardTask
 
@@ -16,14 +16,11 @@ def estimate_samples(tasks: list[ShardTask]) -> int | None:
 
     None when any shard lacks it: the bar then shows a count and a rate, no ETA.
     """
-    import fsspec
-
     total = 0
     for task in tasks:
         stats_url = stats_beside(task.url, task.name)
         try:
-            with fsspec.open(stats_url, "r") as f:
-                total += int(json.load(f)["successes"])
+            total += int(read_json(stats_url)["successes"])
         except Exception:  # absent or not img2dataset's: no estimate
             return None
     return total

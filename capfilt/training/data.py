@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import tarfile
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from capfilt.config import MAX_IMAGE_PIXELS
-from capfilt.io.fs import open_read, shard_name
+from capfilt.io.fs import open_read, read_json, shard_name
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.layout import stats_beside
 from capfilt.io.reader import read_shard
@@ -50,14 +49,11 @@ def shuffled_pairs(urls: list[str], seed: int, epoch: int, buffer: int) -> Itera
 
 def count_pairs(urls: list[str]) -> int:
     """How many samples the shards hold: from their stats files when present, else a pass over headers."""
-    import fsspec
-
     total = 0
     for url in urls:
         stats_url = stats_beside(url, shard_name(url))
         try:
-            with fsspec.open(stats_url, "r") as f:
-                stats = json.load(f)
+            stats = read_json(stats_url)
             # capfilt's samples in the tar (pairs count), else its kept images, else img2dataset's
             total += int(next(stats[k] for k in ("tar_samples", "kept", "successes") if k in stats))
             continue
