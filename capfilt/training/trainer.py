@@ -6,15 +6,15 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from capfilt.config import TrainConfig
-from capfilt.io.fs import expand_input
+from capfilt.io.fs import OutputDir, exists, expand_input, local_copy
 from capfilt.models.loading import load_image_processor, resolve_device
 from capfilt.training.data import ImageTransform, batches, count_pairs, iter_pairs, shuffled_pairs
 
@@ -77,7 +77,7 @@ def _share_captioner_text_weights(model, init: str) -> None:
     if not hasattr(model, "text_encoder"):
         return
     path = os.path.join(init, "model.safetensors")
-    if not os.path.exists(path):
+    if not exists(path):
         return
     prefix = "text_decoder.bert."
     own = model.text_encoder.state_dict()
@@ -123,40 +123,40 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.cfg.output, CHECKPOINTS)
+        return posixpath.join(str(self.cfg.output).rstrip("/"), CHECKPOINTS)
 
     def save_checkpoint(self) -> str:
+        """Save ``checkpoints/step_N`` (on any filesystem), then ``checkpoints/latest`` naming it.
+
+        ``latest`` is written last, so it only ever names a complete checkpoint.
+        """
         name = f"step_{self.state['step']:08d}"
-        final = os.path.join(self.checkpoint_dir, name)
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.task.model.save_pretrained(tmp, safe_serialization=True)
-        torch.save({
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "extra": {k: v.detach().cpu() for k, v in self.task.extra_parameters.items()},
-            "state": self.state,
-        }, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest = os.path.join(self.checkpoint_dir, "latest")
-        with open(latest + ".tmp", "w") as f:
-            f.write(name)
-        os.replace(latest + ".tmp", latest)
-        for old in sorted(d for d in os.listdir(self.checkpoint_dir) if d.startswith("step_"))[:-2]:
-            shutil.rmtree(os.path.join(self.checkpoint_dir, old), ignore_errors=True)
+        checkpoints = OutputDir(self.checkpoint_dir)
+        final = posixpath.join(checkpoints.url, name)
+        with OutputDir(final).write_folder() as local:
+            self.task.model.save_pretrained(local, safe_serialization=True)
+            torch.save({
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "extra": {k: v.detach().cpu() for k, v in self.task.extra_parameters.items()},
+                "state": self.state,
+            }, os.path.join(local, "trainer_state.pt"))
+        checkpoints.write_bytes("latest", name.encode())
+        for old in [n for n in checkpoints.listdir() if n.startswith("step_")][:-2]:
+            checkpoints.remove_folder(old)
         return final
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``cfg.output`` if there is one."""
-        latest = os.path.join(self.checkpoint_dir, "latest")
-        if not os.path.exists(latest):
+        """Load the latest checkpoint of ``cfg.output`` (on any filesystem) if there is one."""
+        checkpoints = OutputDir(self.checkpoint_dir)
+        if not checkpoints.exists("latest"):
             return False
-        path = os.path.join(self.checkpoint_dir, open(latest).read().strip())
+        path = posixpath.join(checkpoints.url, checkpoints.read_text("latest").strip())
         from safetensors.torch import load_file
 
-        weights = load_file(os.path.join(path, "model.safetensors"))
+        with local_copy(path) as local:
+            weights = load_file(os.path.join(local, "model.safetensors"))
+            saved = torch.load(os.path.join(local, "trainer_state.pt"), weights_only=True)
         self.task.model.load_state_dict(weights, strict=False)
-        saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         for key, value in saved["extra"].items():
@@ -229,16 +229,18 @@ class Trainer:
         """The fine-tuned checkpoint, as ``capfilt run`` loads it."""
         from capfilt.models.tiny import save_checkpoint
 
-        self.task.model.eval()
-        path = save_checkpoint(self.task.model, self.tokenizer, self.cfg.image_size, self.cfg.output)
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+        self.task.model.eval()
+        out = OutputDir(str(self.cfg.output))
         size = self.cfg.image_size
-        BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(self.mean),
-                              image_std=list(self.std)).save_pretrained(path)
-        with open(os.path.join(path, "training.json"), "w") as f:
-            json.dump({"config": _asdict(self.cfg), "history": self.state["history"]}, f, indent=2)
-        return path
+        with out.write_folder() as local:
+            save_checkpoint(self.task.model, self.tokenizer, size, local)
+            BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(self.mean),
+                                  image_std=list(self.std)).save_pretrained(local)
+        record = {"config": _asdict(self.cfg), "history": self.state["history"]}
+        out.write_bytes("training.json", json.dumps(record, indent=2).encode())  # last: the model is complete
+        return out.url
 
 
 def _asdict(cfg) -> dict:
