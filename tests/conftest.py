@@ -2,7 +2,7 @@
 
 import os
 
-# ../shared/NETWORK.md: keep every process on 127.0.0.1 and off the network.
+# ARCHITECTURE.md, "Network": keep every process on 127.0.0.1 and off the network.
 os.environ.update({
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
