@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from capfilt.io.fs import read_json
 from capfilt.io.layout import stats_beside
@@ -26,13 +27,21 @@ def estimate_samples(tasks: list[ShardTask]) -> int | None:
     return total
 
 
+def bar_interval() -> float:
+    """Seconds between a progress bar's updates: tqdm's 0.1 on a terminal; 30 when stderr is a
+    log file, which would otherwise fill with a line of carriage returns ten times a second."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return 0.1 if isatty is not None and isatty() else 30.0
+
+
 class SampleBar:
     """A tqdm bar over samples, fed with the executor's running totals."""
 
     def __init__(self, total: int | None, shards: int, disable: bool = False):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="img", desc="capfilt", disable=disable, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="img", desc="capfilt", disable=disable, dynamic_ncols=True,
+                        mininterval=bar_interval())
         self.shards = shards
         self.shards_done = 0
 
