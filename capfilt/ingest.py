@@ -6,13 +6,17 @@ capfilt does not download anything itself: this maps ``DownloadConfig`` onto
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import logging
 import os
-from typing import Any
+from typing import IO, Any
 
 from capfilt.config import DownloadConfig
-from capfilt.io.fs import OutputDir
+from capfilt.io.fs import OutputDir, expand_input, open_read
+from capfilt.io.layout import shard_of_stats
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ def download(cfg: DownloadConfig, output: str, mode: str = "incremental") -> dic
         raise ImportError("capfilt download needs img2dataset: pip install 'img2dataset' "
                           "(it needs webdataset<0.3)") from exc
     input_format = infer_input_format(cfg.url_list) if cfg.input_format == "auto" else cfg.input_format
+    check_url_list(cfg, input_format)
     img2dataset_download(
         url_list=cfg.url_list,
         output_folder=output,
@@ -68,12 +73,47 @@ def download(cfg: DownloadConfig, output: str, mode: str = "incremental") -> dic
     return download_totals(output)
 
 
+def check_url_list(cfg: DownloadConfig, input_format: str) -> None:
+    """Raise ValueError, before img2dataset starts its processes, when the URL list is missing
+    or its first file lacks a column the config names (json lists are not looked into)."""
+    try:
+        first = expand_input(cfg.url_list, suffixes=("." + input_format,))[0]
+        with open_read(first) as raw:
+            columns = _columns(raw, first, input_format)
+    except FileNotFoundError:
+        raise ValueError(f"download.url_list: {cfg.url_list}: no such file, nor a folder of "
+                         f".{input_format} files") from None
+    if columns is None:
+        return
+    wanted = [("download.url_col", cfg.url_col), ("download.caption_col", cfg.caption_col)]
+    wanted += [("download.save_additional_columns", c) for c in cfg.save_additional_columns or []]
+    for key, column in wanted:
+        if column is not None and column not in columns:
+            raise ValueError(f"{key}: {first} has no column {column!r} (it has {', '.join(columns)})"
+                             + ("; set download.caption_col=null for none" if key.endswith("caption_col") else ""))
+
+
+def _columns(raw: IO[bytes], url: str, input_format: str) -> list[str] | None:
+    """The column names of a URL list file; None for a txt or json list."""
+    if input_format == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(raw).names
+    if input_format.startswith(("txt", "json.")) or input_format == "json":
+        return None
+    text = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw, encoding="utf-8")
+    first_line = text.readline()
+    if input_format.startswith("jsonl"):
+        return list(json.loads(first_line)) if first_line.strip() else []
+    return next(csv.reader([first_line], delimiter="\t" if input_format.startswith("tsv") else ","), [])
+
+
 def download_totals(output: str) -> dict[str, Any]:
     """Sum img2dataset's ``NNNNN_stats.json`` files in ``output``."""
     out = OutputDir(output)
     totals = {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     for name in out.listdir():
-        if not name.endswith("_stats.json"):
+        if shard_of_stats(name) is None:
             continue
         stats = json.loads(out.read_text(name))
         totals["shards"] += 1

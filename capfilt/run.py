@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -134,12 +133,11 @@ def _remove_temporaries(out: OutputDir) -> None:
 
 
 def check_models(config: Config) -> None:
-    """A model that can only be a local path must exist, before any worker tries to load it."""
-    for key, name in (("captioner.model", config.captioner.model), ("filter.model", config.filter.model)):
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-        if looks_local and not os.path.isdir(os.path.expanduser(name)):
-            raise ValueError(f"{key}: {name!r} is not a folder, nor a hub id like 'Salesforce/blip-itm-large-coco'"
-                             " (make tiny local models with: capfilt tiny-models DIR)")
+    """Both models can be loaded (a checkpoint folder, or a hub id in reach), before any worker tries."""
+    from capfilt.models.loading import check_checkpoint
+
+    check_checkpoint("captioner.model", config.captioner.model, config.captioner.revision)
+    check_checkpoint("filter.model", config.filter.model, config.filter.revision)
 
 
 def check_compatible(out: OutputDir, config: Config, mode: str) -> None:

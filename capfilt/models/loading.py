@@ -42,6 +42,35 @@ class Loaded:
     revision: str | None
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+TINY_HINT = "make tiny local models with: capfilt tiny-models DIR"
+
+
+def check_checkpoint(key: str, name: str, revision: str | None = None) -> None:
+    """Raise ValueError naming ``key`` unless ``name`` is a folder with a safetensors checkpoint
+    or a hub id whose config can be had (cached, or fetched): checked before workers start."""
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        if not os.path.exists(os.path.join(local, "config.json")) or \
+                not any(os.path.exists(os.path.join(local, w)) for w in WEIGHT_FILES):
+            raise ValueError(f"{key}: {name} holds no checkpoint (config.json and model.safetensors, "
+                             f"as save_pretrained writes them); {TINY_HINT}")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"{key}: {name!r} is not a folder, nor a hub id like "
+                         f"'Salesforce/blip-itm-large-coco' ({TINY_HINT})")
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        hf_hub_download(name, "config.json", revision=revision)
+    except Exception as exc:  # offline, unreachable, no such repo or revision: one line for all
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
+               else f"{type(exc).__name__}: {first}")
+        raise ValueError(f"{key}: cannot get {name!r} (revision {revision}) from the Hugging Face hub "
+                         f"({why}); give a local folder, or {TINY_HINT}") from exc
+
+
 def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str) -> Loaded:
     """Load model, tokenizer and image processor of one BLIP checkpoint for inference."""
     from transformers import AutoTokenizer

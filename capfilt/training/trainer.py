@@ -15,7 +15,8 @@ import torch
 
 from capfilt.config import TrainConfig
 from capfilt.io.fs import OutputDir, exists, expand_input, local_copy
-from capfilt.models.loading import load_image_processor, resolve_device
+from capfilt.models.loading import check_checkpoint, load_image_processor, resolve_device
+from capfilt.runtime.progress import bar_interval
 from capfilt.training.data import ImageTransform, batches, count_pairs, iter_pairs, shuffled_pairs
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class Trainer:
         with local_copy(path) as local:
             weights = load_file(os.path.join(local, "model.safetensors"))
             saved = torch.load(os.path.join(local, "trainer_state.pt"), weights_only=True)
+        self._check_same_model(weights, path)
         self.task.model.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -164,6 +166,16 @@ class Trainer:
         self.state = saved["state"]
         log.info("resumed %s from %s (step %d)", self.task.name, path, self.state["step"])
         return True
+
+    def _check_same_model(self, weights: dict[str, torch.Tensor], path: str) -> None:
+        """A checkpoint of another model shape (say, ``init`` changed between runs) cannot resume."""
+        own = self.task.model.state_dict()
+        other = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+        if other:
+            raise ValueError(f"{self.cfg.output} holds checkpoints of a model of another shape ({other[0]} is "
+                             f"{tuple(weights[other[0]].shape)} in {path}, {tuple(own[other[0]].shape)} here): "
+                             "was 'init' or 'scratch' changed? Give another output, or remove "
+                             f"{self.checkpoint_dir} to start again")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -174,7 +186,8 @@ class Trainer:
         for p in self.task.extra_parameters.values():
             p.data = p.data.to(self.device)
         bar = tqdm(total=self.total_steps, initial=self.state["step"], unit="step",
-                   desc=f"finetune {self.task.name}", disable=not progress, dynamic_ncols=True)
+                   desc=f"finetune {self.task.name}", disable=not progress, dynamic_ncols=True,
+                   mininterval=bar_interval())
         try:
             while self.state["epoch"] < self.cfg.epochs and self.state["step"] < self.total_steps:
                 self._epoch(bar)
@@ -262,6 +275,8 @@ def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progres
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if cfg.init:
+        check_checkpoint(f"finetune.{kind}.init", cfg.init)
     model_cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
     model, tokenizer, mean, std = build_model(model_cls, cfg, expand_input(cfg.train), prompt)
     if model.config.vision_config.image_size != cfg.image_size:
