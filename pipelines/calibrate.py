@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Any
 
 from capfilt.calibrate import curve, load_labelled, score_pairs, suggest
 from capfilt.config import Config
+from pipelines.arguments import add_config, load
+
+TARGETS = ["balanced_accuracy", "f1", "precision", "recall"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(parser, "YAML config (its filter and runtime sections)")
+    parser.add_argument("--labelled", required=True,
+                        help="webdataset shards with a json 'label', or parquet with image, text, label")
+    parser.add_argument("--target", default="balanced_accuracy", choices=TARGETS,
+                        help="what the suggested threshold is best at: balanced_accuracy or f1; precision: "
+                             "the lowest threshold with precision >= --value; recall: the highest "
+                             "with recall >= --value")
+    parser.add_argument("--value", type=float, help="the precision or recall to reach (with --target "
+                                                    "precision or recall)")
+    parser.add_argument("--output", help="folder for calibration.json and precision_recall.png "
+                                         "(default: none written)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.target in ("precision", "recall") and args.value is None:
+        raise ValueError(f"--target {args.target} needs --value")
+    run(load(args), args.labelled, args.target, args.value, args.output)
+    return 0
 
 
 def run(config: Config, labelled: str, target: str, value: float | None, output: str | None) -> dict[str, Any]:

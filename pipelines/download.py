@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from capfilt.config import Config
 from capfilt.ingest import download
+from pipelines.arguments import add_config, add_mode, load
+
+MODE_HELP = "incremental skips finished shards; overwrite redoes them"
+URL_LIST_HELP = "parquet, csv, tsv, txt or json file (or folder) of URLs (default: the config's download.url_list)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(parser)
+    add_mode(parser, MODE_HELP)
+    parser.add_argument("--url-list", help=URL_LIST_HELP)
+    parser.add_argument("--output", required=True, help="folder for the shards")
+
+
+def main(args: argparse.Namespace) -> int:
+    totals = run(load_with_url_list(args), args.output, mode=args.mode)
+    return 0 if totals["successes"] else 1
+
+
+def load_with_url_list(args: argparse.Namespace) -> Config:
+    config = load(args)
+    if args.url_list:
+        config.download.url_list = args.url_list
+    return config
 
 
 def run(config: Config, output: str, mode: str = "incremental") -> dict[str, Any]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from typing import Any
 
-from capfilt.reshard import ReshardError, reshard
+from capfilt.reshard import reshard
+from capfilt.runtime.progress import bar_interval
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -50,22 +50,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Reshard as ``args`` say; 0 when done, 2 (with a one-line message) for a bad input."""
-    bar, error = _Bar(disable=args.no_progress), None
+def main(args: argparse.Namespace) -> int:
+    """Reshard as ``args`` say; a bad input raises ``ReshardError`` (a ValueError) or OSError."""
+    bar = _Bar(disable=args.no_progress)
     try:
         summary = reshard(args.input, args.output, samples_per_shard=args.samples_per_shard,
                           bytes_per_shard=args.bytes_per_shard, overwrite=args.mode == "overwrite",
                           progress=bar)
-    except (ReshardError, OSError) as exc:
-        error = exc
     finally:
         bar.close()
-    if error is not None:
-        print(f"capfilt reshard: {error}", file=sys.stderr)
-        return 2
     print_summary(summary, args.output)
     return 0
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``main`` as the command line runs it: 0 when done, 2 (with a one-line message) for a bad input."""
+    from pipelines.cli import guarded
+
+    return guarded(main, args)
 
 
 class _Bar:
@@ -80,7 +82,7 @@ class _Bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="img", desc="reshard", disable=self.disable,
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, mininterval=bar_interval())
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:

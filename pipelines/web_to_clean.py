@@ -6,12 +6,28 @@ incremental, so a rerun after a crash skips what either stage finished.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import posixpath
 
 from capfilt.config import Config
 from pipelines import download as download_pipeline
 from pipelines import run as run_pipeline
+from pipelines.arguments import add_config, add_mode, add_progress
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(parser)
+    add_mode(parser, download_pipeline.MODE_HELP)
+    parser.add_argument("--url-list", help=download_pipeline.URL_LIST_HELP)
+    parser.add_argument("--output", required=True, help="root folder: ROOT/shards and ROOT/clean")
+    add_progress(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="a line per finished shard")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = download_pipeline.load_with_url_list(args)
+    return run(config, args.output, mode=args.mode, verbose=args.verbose, progress=not args.no_progress)
 
 
 def stage_folders(root: str) -> tuple[str, str]:
