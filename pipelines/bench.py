@@ -156,19 +156,21 @@ def timed(device: str, images: int, loop) -> dict[str, Any]:
 
 
 def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, Any]:
-    from pipelines.cli import main
+    from capfilt.config import load_config
+    from capfilt.io.layout import STATS_FILE, shard_of_stats
+    from pipelines.run import run_and_summarise
 
     out = os.path.join(args.output, f"e2e_{dtype}")
+    config = load_config("configs/blip_base.yaml", [
+        f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={args.num_captions}",
+        f"runtime.batch_size={args.batch_size}", f"runtime.dtype={dtype}", f"runtime.device={args.device}",
+        "runtime.num_workers=1", f"runtime.gpus_per_worker={1 if args.device == 'cuda' else 0}",
+        f"runtime.cpus_per_worker={args.threads}"], input=inputs, output=out)
     start = time.perf_counter()
-    rc = main(["run", "--config", "configs/blip_base.yaml", "--input", inputs, "--output", out,
-               "--mode", "overwrite", "--no-progress", f"captioner.model={cap}", f"filter.model={itm}",
-               f"captioner.num_captions={args.num_captions}", f"runtime.batch_size={args.batch_size}",
-               f"runtime.dtype={dtype}", f"runtime.device={args.device}", "runtime.num_workers=1",
-               f"runtime.gpus_per_worker={1 if args.device == 'cuda' else 0}",
-               f"runtime.cpus_per_worker={args.threads}"])
+    rc = run_and_summarise(config, mode="overwrite", verbose=False, progress=False)
     wall = time.perf_counter() - start
-    stats = json.load(open(os.path.join(out, "stats.json")))
-    shards = [json.load(open(os.path.join(out, n))) for n in sorted(os.listdir(out)) if n.endswith("_stats.json")]
+    stats = json.load(open(os.path.join(out, STATS_FILE)))
+    shards = [json.load(open(os.path.join(out, n))) for n in sorted(os.listdir(out)) if shard_of_stats(n)]
     first = min(s["timing"]["started_at"] for s in shards)
     last = max(s["timing"]["finished_at"] for s in shards)
     images = stats["samples"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import sys
 import time
 
+from capfilt.io.layout import stats_name
 from pipelines import world
 
 # Shares of the web split's texts; the rest are clean.
@@ -40,7 +42,7 @@ def write_split(folder: str, scenes: list, texts: list[str], kinds: list[str], p
                 tar.write({"__key__": key, "jpg": scenes[i].jpeg(), "txt": texts[i].encode(),
                            "json": json.dumps(meta).encode()})
         count = min(per_shard, len(scenes) - start)
-        with open(os.path.join(folder, f"{shard}_stats.json"), "w") as f:
+        with open(os.path.join(folder, stats_name(shard)), "w") as f:
             json.dump({"count": count, "successes": count}, f)
 
 
@@ -67,13 +69,27 @@ def make_world(root: str, train: int, val: int, web: int, seed: int) -> None:
     write_split(os.path.join(root, "web"), scenes, texts, kinds, per_shard=100)
 
 
-def train_args(kind: str, root: str, steps: int, extra: list[str]) -> list[str]:
+def train_overrides(kind: str, root: str, steps: int, extra: list[str]) -> list[str]:
     base = f"finetune.{kind}"
     return [f"{base}.train={root}/clean/train", f"{base}.val={root}/clean/val",
             f"{base}.output={root}/models/{kind}", f"{base}.image_size=64", f"{base}.batch_size=64",
             f"{base}.lr=1e-3", f"{base}.warmup_steps=100", f"{base}.min_lr_ratio=0.1",
             f"{base}.max_steps={steps}", f"{base}.epochs=1000", f"{base}.checkpoint_every=500",
             f"{base}.scratch.hidden=128", f"{base}.scratch.layers=2", *extra]
+
+
+def train_models(config_path: str, root: str, steps: dict[str, int]) -> None:
+    """``capfilt finetune captioner``, then ``filter``, on the clean split."""
+    from capfilt.config import load_config
+    from pipelines import finetune
+
+    # The filter starts from the captioner (BLIP starts both from one pretrained model), and
+    # ITM's positive class is weighted 2 against its two hard negatives: not BLIP's recipe,
+    # but it puts a small model's match/no-match boundary near 0.5 within the demo's budget.
+    extra = {"captioner": [], "filter": [f"finetune.filter.init={root}/models/captioner",
+                                         "finetune.filter.itm_positive_weight=2"]}
+    for kind in ("captioner", "filter"):
+        finetune.run(load_config(config_path, train_overrides(kind, root, steps[kind], extra[kind])), kind)
 
 
 def calibrate(filter_path: str, val_dir: str):
@@ -110,30 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from pipelines.cli import main as capfilt
+    from capfilt.config import load_config
+    from pipelines import report
     from pipelines.demo_metrics import evaluate, print_table
+    from pipelines.run import run_and_summarise
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = args.output.rstrip("/")
     start = time.time()
     make_world(root, args.train, 200, args.web, args.seed)
     print(f"demo: world written to {root}/ ({args.train} clean pairs, {args.web} web samples)")
-    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
-    steps = {"captioner": args.captioner_steps, "filter": args.filter_steps}
-    # The filter starts from the captioner (BLIP starts both from one pretrained model), and
-    # ITM's positive class is weighted 2 against its two hard negatives: not BLIP's recipe,
-    # but it puts a small model's match/no-match boundary near 0.5 within the demo's budget.
-    extra = {"captioner": [], "filter": [f"finetune.filter.init={root}/models/captioner",
-                                         "finetune.filter.itm_positive_weight=2"]}
-    for kind in ("captioner", "filter"):
-        rc = capfilt(["finetune", kind, "--config", config, *train_args(kind, root, steps[kind], extra[kind])])
-        if rc:
-            return rc
+    config_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
+    train_models(config_path, root, {"captioner": args.captioner_steps, "filter": args.filter_steps})
     point = calibrate(f"{root}/models/filter", f"{root}/clean/val")
     print(f"demo: threshold {point.threshold:.2f} from the clean validation split (best balanced "
           f"accuracy {point.balanced_accuracy:.3f}; BLIP's 0.5 is for its COCO filter)")
-    rc = capfilt(["run", "--config", config, "--input", f"{root}/web", "--output", f"{root}/clean_web",
-                  f"captioner.model={root}/models/captioner", f"filter.model={root}/models/filter",
-                  f"filter.threshold={point.threshold}"])
+    config = load_config(config_path, [f"captioner.model={root}/models/captioner",
+                                       f"filter.model={root}/models/filter",
+                                       f"filter.threshold={point.threshold}"],
+                         input=f"{root}/web", output=f"{root}/clean_web")
+    rc = run_and_summarise(config, mode="incremental", verbose=False, progress=True)
     metrics = evaluate(f"{root}/web", f"{root}/clean_web", point.threshold)
     metrics["calibration"] = {"threshold": point.threshold, "precision": point.precision,
                               "recall": point.recall, "specificity": point.specificity,
@@ -142,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print_table(metrics)
-    if capfilt(["report", f"{root}/clean_web", "--html", f"{root}/report.html"]) == 0:
-        print(f"demo: open {root}/report.html in a browser to look at what was kept and dropped")
+    report.write(load_config(), f"{root}/clean_web", f"{root}/report.html")
+    print(f"demo: open {root}/report.html in a browser to look at what was kept and dropped")
     return rc
 
 

@@ -51,20 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
 
+    from capfilt.config import load_config
+    from capfilt.io.layout import STATS_FILE
     from capfilt.models.tiny import build_tiny_models
-    from pipelines.cli import main as capfilt_main
+    from pipelines.run import run_and_summarise
 
     os.makedirs(os.path.join(args.output, "in"), exist_ok=True)
     shard = os.path.join(args.output, "in", "00000.tar")
     if not os.path.exists(shard):
         write_shard(shard, args.images)
     captioner, filter_ = build_tiny_models(os.path.join(args.output, "models"))
-    rc = capfilt_main([
-        "run", "--config", "configs/tiny.yaml", "--input", shard, "--output",
-        os.path.join(args.output, "out"), "--mode", "overwrite", f"captioner.model={captioner}",
-        f"filter.model={filter_}", f"runtime.batch_size={args.batch_size}", "captioner.num_captions=1",
-    ])
-    stats = json.load(open(os.path.join(args.output, "out", "stats.json")))
+    config = load_config("configs/tiny.yaml", [
+        f"captioner.model={captioner}", f"filter.model={filter_}", f"runtime.batch_size={args.batch_size}",
+        "captioner.num_captions=1"], input=shard, output=os.path.join(args.output, "out"))
+    rc = run_and_summarise(config, mode="overwrite", verbose=False, progress=True)
+    stats = json.load(open(os.path.join(args.output, "out", STATS_FILE)))
     result = {"images": args.images, "shard_mb": round(os.path.getsize(shard) / 2**20, 1),
               "batch_size": args.batch_size, "worker_peak_rss_mb": stats["timing"]["worker_peak_rss_mb"]}
     print(json.dumps(result))
