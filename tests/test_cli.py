@@ -1,0 +1,224 @@
+"""The ``capfilt`` command line as a user meets it: real processes, their exit codes and stderr.
+
+A bad config or input exits 2 with one line naming the problem and no traceback; Ctrl-C exits
+130 with one line, leaves no temporary, and a rerun finishes the job.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from conftest import COLOURS, image_bytes, make_web_shards, write_shard
+
+from capfilt.io.layout import STATS_FILE, is_temporary, shard_of_stats
+from pipelines.cli import build_parser, parse
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY_STARTED = re.compile(r"INFO worker\.py:\d+ -- Started a local Ray instance")
+
+
+def capfilt(*argv, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, argv)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capfilt: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(params=["read_only_folder", "under_a_file"])
+def unwritable(request, tmp_path):
+    """A folder nothing can be written into. chmod does not stop root: then the read-only case
+    is skipped, and a path under a regular file (which stops everyone) still runs."""
+    if request.param == "under_a_file":
+        (tmp_path / "a_file").write_text("")
+        return tmp_path / "a_file" / "out"
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    request.addfinalizer(lambda: folder.chmod(0o700))
+    try:
+        (folder / "probe").mkdir()
+    except PermissionError:
+        return folder
+    pytest.skip("this user writes into a chmod 0o500 folder anyway (root)")
+
+
+def tiny_run(tiny_models, inputs, output, *extra):
+    cap, itm = tiny_models
+    return ["run", "--config", "configs/tiny.yaml", "--input", inputs, "--output", output,
+            f"captioner.model={cap}", f"filter.model={itm}", "runtime.batch_size=4", *extra]
+
+
+def test_unwritable_output_is_one_line(tiny_models, tmp_path, unwritable):
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    result = capfilt(*tiny_run(tiny_models, tmp_path / "web", unwritable, "--no-progress"))
+    assert_one_line_error(result, str(unwritable))
+
+
+def test_tiny_models_into_an_unwritable_folder_is_one_line(unwritable):
+    assert_one_line_error(capfilt("tiny-models", unwritable), str(unwritable))
+
+
+def test_an_empty_model_folder_is_refused_before_ray_starts(tiny_models, tmp_path):
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    (tmp_path / "empty").mkdir()
+    result = capfilt(*tiny_run(tiny_models, tmp_path / "web", tmp_path / "out", "--no-progress",
+                               f"captioner.model={tmp_path / 'empty'}"))
+    assert_one_line_error(result, "captioner.model", "holds no checkpoint")
+
+
+def test_an_unreachable_hub_default_is_refused_before_ray_starts(tmp_path):
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache
+    result = capfilt("run", "--input", tmp_path / "web", "--output", tmp_path / "out", env=env)
+    assert_one_line_error(result, "captioner.model", "Salesforce/", "HF_HUB_OFFLINE")
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_with_a_negative_limit_is_one_line(tmp_path):
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    assert_one_line_error(capfilt("inspect", tmp_path / "web" / "00000.tar", "--limit", "-1"), "--limit")
+
+
+# --- download: the URL list is checked before img2dataset starts ------------------------------------
+
+def test_download_of_a_list_without_the_caption_column_is_one_line(tmp_path):
+    (tmp_path / "urls.csv").write_text("url,text\nhttp://127.0.0.1:9/a.jpg,a red square\n")
+    result = capfilt("download", "--url-list", tmp_path / "urls.csv", "--output", tmp_path / "out")
+    assert_one_line_error(result, "download.caption_col", "'caption'", "url, text")
+    assert not (tmp_path / "out").exists()  # no _tmp/ left behind
+
+
+def test_download_of_a_missing_list_is_one_line(tmp_path):
+    result = capfilt("download", "--url-list", tmp_path / "nope.parquet", "--output", tmp_path / "out")
+    assert_one_line_error(result, "download.url_list", "nope.parquet")
+    assert not (tmp_path / "out").exists()
+
+
+# --- finetune ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    names = list(COLOURS)
+    write_shard(folder / "00000.tar", [{"key": f"{i:04d}", "jpg": image_bytes(names[i % 4], seed=i),
+                                        "txt": f"a {names[i % 4]} square"} for i in range(16)])
+    return folder
+
+
+def finetune(pairs, output, init):
+    base = "finetune.filter"
+    return capfilt("finetune", "filter", "--no-progress", f"{base}.train={pairs}", f"{base}.output={output}",
+                   f"{base}.init={init}", f"{base}.image_size=64", f"{base}.batch_size=8",
+                   f"{base}.max_steps=1", f"{base}.epochs=1")
+
+
+def test_finetune_from_a_missing_init_is_one_line(pairs, tmp_path):
+    assert_one_line_error(finetune(pairs, tmp_path / "out", tmp_path / "nope"), "finetune.filter.init", "nope")
+
+
+def test_finetune_rerun_with_another_init_is_one_line(pairs, tiny_models, tmp_path):
+    from capfilt.models.tiny import build_tiny_models
+
+    assert finetune(pairs, tmp_path / "out", tiny_models[0]).returncode == 0
+    other, _ = build_tiny_models(str(tmp_path / "narrow"), hidden=32)
+    assert_one_line_error(finetune(pairs, tmp_path / "out", other), str(tmp_path / "out"), "another shape")
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------------
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or environment holds ``text`` (Linux's /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for part in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{pid}/{part}", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(pid))
+                        break
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="looks for leftover Ray processes in /proc")
+def test_ctrl_c_stops_with_one_line_and_a_rerun_finishes(tiny_models, tmp_path):
+    make_web_shards(tmp_path / "web", shards=6, per_shard=8)
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="capfilt-ctrl-c-", dir="/tmp")  # short: Ray's socket paths
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    argv = [sys.executable, "-m", "pipelines.cli", *map(str, tiny_run(tiny_models, tmp_path / "web", out))]
+    process = subprocess.Popen([*argv, "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out.is_dir() and any(is_temporary(n) or shard_of_stats(n) for n in os.listdir(out))):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)  # until a shard is under way
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if not RAY_STARTED.search(line)]
+    assert len(lines) == 1 and re.match(r"capfilt: interrupted; \d of 6 shards done in .*rerun", lines[0]), err
+    assert not [n for n in os.listdir(out) if is_temporary(n)]
+    assert not (out / STATS_FILE).exists()  # it was stopped before the end
+    time.sleep(2)
+    assert processes_mentioning(ray_tmp) == []
+
+    rerun = subprocess.run([*argv, "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / STATS_FILE).read_text())["shards_done"] == 6
+
+
+def test_the_bar_is_drawn_rarely_when_stderr_is_not_a_terminal(capsys):
+    """A log file would otherwise get a line of carriage returns, ten a second."""
+    from capfilt.runtime.progress import SampleBar
+
+    bar = SampleBar(total=100, shards=1)
+    for samples in range(1, 6):
+        time.sleep(0.15)  # more than tqdm's 0.1 s between draws on a terminal
+        bar.update({"samples": samples, "kept": samples})
+    bar.close()
+    assert capsys.readouterr().err.count("\r") <= 2  # the first draw and the last
+
+
+# --- the parser -------------------------------------------------------------------------------------
+
+def test_overrides_are_taken_from_anywhere_on_the_line():
+    args = parse(["run", "--input", "a.tar", "b.tar", "filter.threshold=0.3", "--output", "o",
+                  "runtime.batch_size=2"])
+    assert args.input == ["a.tar", "b.tar"] and args.output == "o"
+    assert args.overrides == ["filter.threshold=0.3", "runtime.batch_size=2"]
+    with pytest.raises(SystemExit) as info:
+        parse(["inspect", "x.tar", "filter.threshold=0.3"])
+    assert info.value.code == 2
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    parser = build_parser()
+    assert "``" not in parser.format_help()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"capfilt {name} {action.dest}: no help"
+            shown = action.default not in (None, False, []) and not isinstance(action.default, bool)
+            if shown:
+                assert f"(default: {action.default})" in text, f"capfilt {name} {action.dest}: no default"
