@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from capfilt.io.fs import exists, expand_input, isdir, open_read, shard_name
+from capfilt.io.layout import PARQUET_SUFFIX, parquet_name
 from capfilt.io.reader import read_shard
 
 
@@ -20,13 +21,13 @@ def iter_rows(path: str, status: str | None = None, key: str | None = None) -> I
 
 def _rows(path: str) -> Iterator[dict[str, Any]]:
     if isdir(path):
-        for found in expand_input(path, suffixes=(".parquet",)):
+        for found in expand_input(path, suffixes=(PARQUET_SUFFIX,)):
             yield from _parquet_rows(found)
         return
-    if path.endswith(".parquet"):
+    if path.endswith(PARQUET_SUFFIX):
         yield from _parquet_rows(path)
         return
-    sidecar = posixpath.join(posixpath.dirname(path), shard_name(path) + ".parquet")
+    sidecar = posixpath.join(posixpath.dirname(path), parquet_name(shard_name(path)))
     if exists(sidecar) and _is_capfilt_parquet(sidecar):
         yield from _parquet_rows(sidecar)
         return

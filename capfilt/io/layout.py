@@ -21,6 +21,7 @@ SIZES_FILE = "sizes.json"
 RESHARD_PLAN_FILE = "reshard_plan.json"
 
 STATS_SUFFIX = "_stats.json"
+PARQUET_SUFFIX = ".parquet"
 TMP_MARKER = ".tmp-"
 
 # Shards that capfilt reshard writes: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json.
@@ -32,7 +33,7 @@ def tar_name(shard: str) -> str:
 
 
 def parquet_name(shard: str) -> str:
-    return f"{shard}.parquet"
+    return f"{shard}{PARQUET_SUFFIX}"
 
 
 def stats_name(shard: str) -> str:
