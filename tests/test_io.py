@@ -510,6 +510,19 @@ def test_shard_writer_leaves_nothing_when_the_body_raises(tmp_path):
     assert out.listdir() == []
 
 
+def test_a_shard_whose_parquet_cannot_be_written_leaves_no_file(tmp_path, monkeypatch):
+    """Storage failing at the end of a shard fails the shard: no tar under its final name."""
+    import capfilt.io.writer as writer_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_module.pq, "write_table", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_output(tmp_path / "out", shard_samples())
+    assert OutputDir(str(tmp_path / "out")).listdir() == []
+
+
 def test_configure_storage_replaces_what_an_earlier_run_set():
     from fsspec.config import conf
 

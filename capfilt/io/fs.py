@@ -202,6 +202,21 @@ class OutputDir:
             f.write(data)
 
     @contextlib.contextmanager
+    def staged(self) -> Iterator["Staging"]:
+        """Files opened with ``staging.open(name)`` in the block are renamed into place, in the
+        order they were opened, when the block ends; if it raises, none of them appears."""
+        staging = Staging(self)
+        try:
+            yield staging
+            for tmp, final in staging.files:
+                self._rename(tmp, final)
+        except BaseException:
+            for tmp, _ in staging.files:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(tmp)
+            raise
+
+    @contextlib.contextmanager
     def write_folder(self) -> Iterator[str]:
         """A local temporary folder to fill (transformers' save_pretrained needs one).
 
@@ -238,3 +253,19 @@ class OutputDir:
         for name in stale:
             self.remove(name)
         return stale
+
+
+class Staging:
+    """Temporary files of one ``OutputDir.staged`` block, renamed together at its end."""
+
+    def __init__(self, out: OutputDir):
+        self.out = out
+        self.files: list[tuple[str, str]] = []  # (temporary path, final path)
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[IO[bytes]]:
+        final = self.out.path(name)
+        tmp = self.out.path(temporary_name(name, uuid.uuid4().hex[:12]))
+        self.files.append((tmp, final))
+        with self.out.fs.open(tmp, "wb") as f:
+            yield f

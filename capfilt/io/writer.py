@@ -1,7 +1,8 @@
 """Write one output shard: the kept samples' tar, a parquet row per input sample, stats last.
 
-Each file is written under a temporary name and renamed when complete. The stats
-file is renamed last, so its presence means the whole shard is done. File names come
+Each file is written under a temporary name; when all three are complete they are renamed
+into place, the stats file last, so its presence means the whole shard is done. A shard
+that fails, in its samples' loop or while its files are written, leaves none of them. File names come
 from ``capfilt.io.layout``.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from typing import Any
 
 import pyarrow as pa
@@ -137,7 +139,8 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         import webdataset as wds
 
-        stream = self._stack.enter_context(self.out.atomic_open(tar_name(self.shard)))
+        self._staging = self._stack.enter_context(self.out.staged())
+        stream = self._stack.enter_context(self._staging.open(tar_name(self.shard)))
         self._tar = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME, format="PAX_FORMAT")
         return self
 
@@ -172,18 +175,24 @@ class ShardWriter:
         })
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._tar.close()
-        else:
+        """Tar, parquet and stats appear together (renamed in that order), or none of them."""
+        if exc_type is not None:
             with contextlib.suppress(Exception):
                 self._tar.close()
-        self._stack.__exit__(exc_type, exc, tb)
-        if exc_type is None:
+            self._stack.__exit__(exc_type, exc, tb)
+            return
+        try:
+            self._tar.close()
             self._write_parquet()
             self.stats.finish()
-            self.out.write_bytes(stats_name(self.shard), self.stats.to_json())
+            with self._staging.open(stats_name(self.shard)) as f:
+                f.write(self.stats.to_json())
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
+        self._stack.__exit__(None, None, None)
 
     def _write_parquet(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
-        with self.out.atomic_open(parquet_name(self.shard)) as f:
+        with self._staging.open(parquet_name(self.shard)) as f:
             pq.write_table(table, f)
