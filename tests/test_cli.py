@@ -164,7 +164,9 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_finishes(tiny_models, tmp_path):
     process = subprocess.Popen([*argv, "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (out.is_dir() and any(is_temporary(n) or shard_of_stats(n) for n in os.listdir(out))):
+    # A shard's tar being written (not run.json's temporary, written before Ray starts).
+    while not (out.is_dir() and any((is_temporary(n) and ".tar" in n) or shard_of_stats(n)
+                                    for n in os.listdir(out))):
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.05)  # until a shard is under way
     process.send_signal(signal.SIGINT)
