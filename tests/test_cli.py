@@ -161,8 +161,11 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_finishes(tiny_models, tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="capfilt-ctrl-c-", dir="/tmp")  # short: Ray's socket paths
     env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     argv = [sys.executable, "-m", "pipelines.cli", *map(str, tiny_run(tiny_models, tmp_path / "web", out))]
+    # A child inherits an ignored SIGINT (as an earlier test in this process may leave it), and
+    # Python then never raises KeyboardInterrupt: give the run the default, as a terminal does.
     process = subprocess.Popen([*argv, "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     # A shard's tar being written (not run.json's temporary, written before Ray starts).
     while not (out.is_dir() and any((is_temporary(n) and ".tar" in n) or shard_of_stats(n)
