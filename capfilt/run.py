@@ -71,7 +71,13 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
     start = time.time()
     this_run = RunTally()
     executor = RayExecutor(functools.partial(make_step, config), config.runtime)
-    _execute(executor, pending, this_run, verbose, progress)
+    try:
+        _execute(executor, pending, this_run, verbose, progress)
+    except KeyboardInterrupt:  # Ray is shut down by now: tidy up and say what is done
+        _remove_temporaries(out)
+        _, done_now = split_done(tasks, out)
+        raise KeyboardInterrupt(f"{len(done_now)} of {len(tasks)} shards done in {out.url}; "
+                                "rerun the same command to resume") from None
     _remove_temporaries(out)  # those of workers that died mid-shard
     if executor.worker_infos:
         record["models_resolved"] = executor.worker_infos[0].details

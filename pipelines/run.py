@@ -25,25 +25,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_and_summarise(config: Config, mode: str, verbose: bool, progress: bool) -> int:
-    """Run, print the summary, return the exit code (1 when a shard failed). Ctrl-C raises
-    KeyboardInterrupt saying how many shards are done."""
+    """Run, print the summary, return the exit code (1 when a shard failed)."""
     from capfilt.run import format_summary, run
 
-    try:
-        outcome = run(config, mode=mode, verbose=verbose, progress=progress)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(done_so_far(config)) from None
+    outcome = run(config, mode=mode, verbose=verbose, progress=progress)
     print(format_summary(outcome.stats))
     return outcome.exit_code
-
-
-def done_so_far(config: Config) -> str:
-    from capfilt.io.fs import OutputDir, expand_input
-    from capfilt.runtime.shards import plan_shards, split_done
-
-    try:
-        tasks = plan_shards(expand_input(config.input), config.output)
-        _, done = split_done(tasks, OutputDir(config.output))
-    except Exception:  # the count is a courtesy; the message must still come out
-        return f"the shards done are kept in {config.output}; rerun the same command to resume"
-    return f"{len(done)} of {len(tasks)} shards done in {config.output}; rerun the same command to resume"

@@ -186,16 +186,8 @@ class OutputDir:
     @contextlib.contextmanager
     def atomic_open(self, name: str) -> Iterator[IO[bytes]]:
         """Write to a unique temporary name; rename to ``name`` only on success."""
-        final = self.path(name)
-        tmp = self.path(temporary_name(name, uuid.uuid4().hex[:12]))
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                yield f
-            self._rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.rm(tmp)
-            raise
+        with self.staged() as staging, staging.open(name) as f:
+            yield f
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.atomic_open(name) as f:

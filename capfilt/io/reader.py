@@ -12,8 +12,10 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Iterator
+
 from capfilt.config import ReaderConfig
 from capfilt.io.fs import open_read, shard_name
+from capfilt.io.layout import parquet_name
 from capfilt.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def sidecar_metadata(url: str) -> dict[str, dict]:
     """
     import pyarrow.parquet as pq
 
-    path = posixpath.join(posixpath.dirname(url), shard_name(url) + ".parquet")
+    path = posixpath.join(posixpath.dirname(url), parquet_name(shard_name(url)))
     try:
         with open_read(path) as f:
             rows = pq.read_table(f).to_pylist()
