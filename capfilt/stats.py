@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from capfilt.decision import SYNTHETIC, WEB
 from capfilt.sample import DROPPED, ERROR, KEPT, Sample
 
 TIMING = "timing"
@@ -43,12 +44,12 @@ class Counts:
         if sample.status == ERROR:
             self.error += 1
             return
-        kept_texts = {text for text, _, _ in sample.kept_texts}
+        origins = [origin for _, origin, _ in sample.kept_texts]
         self.web_texts += sample.web_text is not None
-        self.web_kept += any(origin == "web" for _, origin, _ in sample.kept_texts)
+        self.web_kept += WEB in origins
         self.captions += len(sample.captions)
-        # A caption is kept when its text is: duplicates, and a caption equal to the web text, count.
-        self.captions_kept += sum(caption in kept_texts for caption in sample.captions)
+        # As the parquet's kept_texts: distinct captions, one equal to the web text counted as web.
+        self.captions_kept += origins.count(SYNTHETIC)
 
     def __iadd__(self, other: "Counts") -> "Counts":
         for f in dataclasses.fields(Counts):
