@@ -22,6 +22,10 @@ class Sample:
     image_ext: str | None = None
     web_text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # The json as read, when it could not be parsed into ``meta`` (bad metadata costs only itself).
+    raw_json: str | None = None
+    # What was wrong with the sample without costing it (a malformed json, a skipped member).
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
     # Filled by the prepare stage: model inputs keyed by preprocessor name.
     pixels: dict[str, Any] | None = None

@@ -63,13 +63,16 @@ class CapFiltStep:
             return sample
         try:
             image = decode_rgb(sample.image, self.config.reader.max_image_pixels)
+            sample.width, sample.height = image.size
+            sample.pixels = {
+                name: proc(images=image, return_tensors="np")["pixel_values"][0]
+                for name, proc in self.processors.items()
+            }
         except ImageError as exc:
             return sample.fail(f"{sample.source}: {sample.key}.{sample.image_ext}: {exc}")
-        sample.width, sample.height = image.size
-        sample.pixels = {
-            name: proc(images=image, return_tensors="np")["pixel_values"][0]
-            for name, proc in self.processors.items()
-        }
+        except Exception as exc:  # whatever else this one image does costs only itself
+            return sample.fail(f"{sample.source}: {sample.key}.{sample.image_ext}: cannot preprocess "
+                               f"image: {type(exc).__name__}: {exc}")
         return sample
 
     def run(self, task: ShardTask, report: Report | None = None,
@@ -99,9 +102,25 @@ class CapFiltStep:
     def process_batch(self, batch: list[Sample], seed: int) -> None:
         good = [s for s in batch if s.error is None]
         if good:
-            self._judge(good, seed)
+            try:
+                self._judge(good, seed)
+            except Exception:
+                self._judge_one_by_one(good, seed)
         for sample in batch:
             sample.pixels = None  # free the tensors before the sample is written
+
+    def _judge_one_by_one(self, samples: list[Sample], seed: int) -> None:
+        """After a batch failed: each sample alone, so that one that fails costs only itself.
+        When every one fails alone, the fault is not theirs (a device, the models): it is raised."""
+        failures = []
+        for position, sample in enumerate(samples):
+            try:
+                self._judge([sample], seed + position + 1)
+            except Exception as exc:
+                failures.append(exc)
+                sample.fail(f"{sample.source}: {sample.key}: cannot be judged: {type(exc).__name__}: {exc}")
+        if len(failures) == len(samples):
+            raise failures[0]
 
     def _judge(self, samples: list[Sample], seed: int) -> None:
         import torch

@@ -58,7 +58,37 @@ def text_shard(path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    return {"no_txt": "ok", "empty_txt": "ok", "not_utf8": "ok", "long_txt": "ok", "bad_json": "error"}, long_text
+    return {"no_txt": "ok", "empty_txt": "ok", "not_utf8": "ok", "long_txt": "ok", "bad_json": "ok"}, long_text
+
+
+NOT_UTF8_KEY = "name\\xff"  # how the output names a key whose tar name holds the byte 0xff
+
+
+def metadata_shard(path):
+    """Issue 13's shard: 5 samples, 4 good, metadata the output cannot hold as it is.
+
+    Before, each of these lost the whole shard: a json with a lone surrogate, a json nested past
+    the recursion limit, a member name that is not UTF-8, and a sidecar parquet with bytes and
+    datetimes. Only the sample with the bad name is an error now; bad metadata costs itself."""
+    import datetime
+
+    import pyarrow as pa
+
+    members = [("good_a.jpg", RED), ("good_a.txt", b"a red square"),
+               ("lone_surrogate.jpg", RED), ("lone_surrogate.json", b'{"c": "\\ud83d"}'),
+               ("deep_json.jpg", RED), ("deep_json.json", b"[" * 100_000 + b"]" * 100_000),
+               ("name\xff.jpg".encode("latin-1").decode("utf-8", "surrogateescape"), RED),
+               ("good_b.jpg", RED), ("good_b.json", b'{"url": "http://127.0.0.1/b.jpg"}')]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    keys = ["good_a", "lone_surrogate", "deep_json", "good_b"]
+    pq.write_table(pa.table({"key": keys, "raw": [b"\x00\xff"] * 4, "status": ["success"] * 4,
+                             "when": [datetime.datetime(2026, 1, 1)] * 4}),
+                   str(path).replace(".tar", ".parquet"))
+    return {"good_a": "ok", "lone_surrogate": "ok", "deep_json": "ok", NOT_UTF8_KEY: "error", "good_b": "ok"}
 
 
 def structure_shards(folder):
@@ -112,6 +142,7 @@ def hostile_run(tmp_path_factory, tiny_models):
     expected.update(text_expected)
     expected.update(structure_shards(inputs))
     expected.update(hostile_names_shard(inputs / "00006.tar"))
+    expected.update(metadata_shard(inputs / "00007.tar"))
     before = set(root.rglob("*"))
     cap, itm = tiny_models
     out = root / "out"
@@ -132,7 +163,7 @@ def test_run_completes_and_names_only_the_missing_shard(hostile_run):
     assert hostile_run["rc"] == 1
     stats = json.loads((hostile_run["out"] / "stats.json").read_text())
     assert [f["shard"] for f in stats["failed"]] == ["00099"]
-    assert stats["shards_done"] == 7  # every other shard, empty and gzipped ones included
+    assert stats["shards_done"] == 8  # every other shard, empty and gzipped ones included
 
 
 def test_every_readable_sample_is_a_row_with_status_and_reason(hostile_run):
@@ -144,7 +175,7 @@ def test_every_readable_sample_is_a_row_with_status_and_reason(hostile_run):
         row = by_key[key][0]
         if status == "error":
             assert row["status"] == "error", (key, row)
-            assert row["error"] and key.lstrip("/") in row["error"]
+            assert row["error"] and key.lstrip("/") in row["error"].replace("\\\\", "\\"), row["error"]
             assert f"{row['shard']}.tar" in row["error"], row["error"]  # names the shard
         else:
             assert row["status"] in ("kept", "dropped"), (key, row["error"])
@@ -173,7 +204,18 @@ def test_text_edge_cases(hostile_run):
     # Truncated for the model, kept whole in the metadata.
     assert rows["long_txt"]["web_text"] == hostile_run["long_text"]
     assert rows["long_txt"]["web_score"] is not None
-    assert "malformed" in rows["bad_json"]["error"]
+    # Malformed metadata costs the metadata: the sample goes on, its json kept as read.
+    assert rows["bad_json"]["input_json"] == "{not json" and "bad_json.json" in rows["bad_json"]["notes"]
+
+
+def test_metadata_the_output_cannot_hold_costs_only_itself(hostile_run):
+    rows = {r["key"]: r for r in hostile_run["rows"] if r["shard"] == "00007"}
+    assert rows["lone_surrogate"]["input_json"] == '{"c": "\\ud83d"}'
+    assert "RecursionError" in rows["deep_json"]["notes"]
+    # The sidecar's serialisable fields fill in the json; its bytes and datetimes are left out.
+    meta = json.loads(rows["good_b"]["input_json"])
+    assert meta == {"url": "http://127.0.0.1/b.jpg", "status": "success"}
+    assert "not UTF-8" in rows[NOT_UTF8_KEY]["error"]
 
 
 def test_nothing_is_written_outside_the_output_folder(hostile_run):

@@ -139,13 +139,13 @@ def test_sample_with_an_unlisted_image_extension_is_an_error(tmp_path):
     assert sample.status == ERROR and "'k'" in sample.error
 
 
-def test_malformed_json_is_an_error_sample(tmp_path):
+def test_malformed_json_costs_only_the_metadata(tmp_path):
     path = write_raw_tar(tmp_path / "s.tar", [
         ("a.jpg", image_bytes("red")), ("a.json", b"{not json"),
         ("b.jpg", image_bytes("green")), ("b.json", b'{"url": "u"}'),
     ])
     a, b = read_shard(path)
-    assert a.status == ERROR and "a.json" in a.error
+    assert a.error is None and a.meta == {} and a.raw_json == "{not json" and "a.json" in a.notes[0]
     assert b.error is None and b.meta == {"url": "u"}
 
 

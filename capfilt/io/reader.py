@@ -41,7 +41,27 @@ def unsafe_name(name: str) -> str | None:
         return "member name contains '..'"
     if any(ord(c) < 32 for c in name):
         return "member name contains control characters"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile keeps undecodable bytes as surrogates
+        return "member name is not UTF-8"
     return None
+
+
+def printable_key(key: str) -> str:
+    """``key`` as valid UTF-8 text: undecodable bytes of a member name as ``\\xNN``."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def parse_json(data: bytes) -> tuple[dict | None, str | None]:
+    """(the json as a dict, None), or (None, what is wrong with it). Valid JSON that the output
+    cannot hold (a lone surrogate, nesting past the recursion limit) is wrong too."""
+    try:
+        meta = json.loads(data)
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except Exception as exc:  # ValueError, RecursionError, UnicodeError: any of them
+        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return (meta if isinstance(meta, dict) else {"value": meta}), None
 
 
 def read_shard(url: str, options: ReaderConfig | None = None) -> Iterator[Sample]:
@@ -76,8 +96,17 @@ def sidecar_metadata(url: str) -> dict[str, dict]:
     except Exception as exc:  # a broken sidecar must not cost the shard
         log.warning("%s: ignoring unreadable metadata parquet: %s", path, exc)
         return {}
-    return {row["key"]: {k: v for k, v in row.items() if v is not None and k != "key"}
+    return {row["key"]: {k: v for k, v in row.items() if v is not None and k != "key" and _jsonable(v)}
             for row in rows if isinstance(row.get("key"), str)}
+
+
+def _jsonable(value) -> bool:
+    """Whether the output's json can hold ``value`` (not bytes, datetimes, NaN, lone surrogates)."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except Exception:
+        return False
+    return True
 
 
 def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
@@ -122,23 +151,26 @@ def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[s
     sample = Sample(key=key, source=url)
     reason = unsafe_name(key)
     if reason:
-        return sample.fail(f"{url}: {reason}: {key!r}")
+        sample.key = printable_key(key)
+        return sample.fail(f"{url}: {reason}: {sample.key!r}")
     if key in seen:
         return sample.fail(f"{url}: duplicate key {key!r} (its members are not adjacent or repeat)")
     seen.add(key)
     if "txt" in members:
         sample.web_text = members["txt"].decode("utf-8", errors="replace")
     if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except ValueError as exc:
-            return sample.fail(f"{url}: malformed {key}.json: {exc}")
-        sample.meta = meta if isinstance(meta, dict) else {"value": meta}
+        meta, problem = parse_json(members["json"])
+        if problem is None:
+            sample.meta = meta
+        else:  # bad metadata costs the metadata, not the sample
+            sample.raw_json = members["json"].decode("utf-8", errors="backslashreplace")
+            notes.append(f"{key}.json is not usable metadata ({problem}); kept as read in input_json")
     image_ext = next((e for e in options.image_extensions if e in members), None)
     if image_ext is None:
         detail = "; ".join(notes) if notes else f"members: {sorted(members)}"
         return sample.fail(f"{url}: sample {key!r} has no image ({detail})")
     sample.image, sample.image_ext = members[image_ext], image_ext
     if notes:
+        sample.notes = notes
         log.info("%s: %s: %s", url, key, "; ".join(notes))
     return sample

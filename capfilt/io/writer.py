@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from capfilt.io.fs import OutputDir
 from capfilt.io.layout import parquet_name, stats_name, tar_name
-from capfilt.sample import KEPT, Sample
+from capfilt.sample import ERROR, KEPT, Sample
 from capfilt.stats import ShardStats
 
 # Fixed so that identical inputs give byte-identical tars.
@@ -55,6 +55,8 @@ PARQUET_SCHEMA = pa.schema([
     # The input json as it was, for every other field a downloader wrote.
     pa.field("input_json", pa.string()),
     pa.field(TAR_BYTES, pa.int64()),
+    # What was wrong with the sample without costing it (a malformed json, a skipped member).
+    pa.field("notes", pa.string()),
 ])
 
 
@@ -99,9 +101,33 @@ def parquet_row(sample: Sample) -> dict[str, Any]:
         "kept_texts": [k[0] for k in sample.kept_texts],
         "kept_origins": [k[1] for k in sample.kept_texts],
         "kept_scores": [k[2] for k in sample.kept_texts],
-        "input_json": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
+        "input_json": sample.raw_json if sample.raw_json is not None else
+        json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
         TAR_BYTES: None,
+        "notes": "; ".join(sample.notes) or None,
     }
+
+
+def error_row(sample: Sample) -> dict[str, Any]:
+    """The parquet row of a failed sample, with every text made encodable (backslash escapes);
+    at the least its key, status and reason."""
+    try:
+        row = _encodable(parquet_row(sample))
+        pa.RecordBatch.from_pylist([row], schema=PARQUET_SCHEMA)
+        return row
+    except Exception:
+        return _encodable({"key": sample.key, "status": ERROR, "error": sample.error})
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with each string made valid UTF-8 (a lone surrogate becomes ``\\udXXX``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encodable(v) for k, v in value.items()}
+    return value
 
 
 def _typed(value: Any, kind: type) -> Any:
@@ -132,7 +158,8 @@ class ShardWriter:
                  stats: ShardStats | None = None):
         self.out, self.shard, self.threshold, self.layout = out, shard, threshold, layout
         self.stats = stats if stats is not None else ShardStats(shard=shard)
-        self.rows: list[dict[str, Any]] = []
+        self.batches: list[pa.RecordBatch] = []  # a parquet row per sample, each checked as written
+        self.tar_bytes: list[int | None] = []
         self._stack = contextlib.ExitStack()
         self._tar = None
 
@@ -145,34 +172,47 @@ class ShardWriter:
         return self
 
     def write(self, sample: Sample) -> None:
-        row = parquet_row(sample)
+        """Write one judged sample. What of it cannot be written (a text or a json value the tar
+        or the parquet cannot encode) makes it an error row instead: it never costs the shard."""
+        try:
+            batch, records = self._encode(sample)
+        except Exception as exc:
+            sample.fail(f"{sample.source}: {sample.key}: cannot be written: {type(exc).__name__}: {exc}")
+            batch, records = pa.RecordBatch.from_pylist([error_row(sample)], schema=PARQUET_SCHEMA), []
         self.stats.add(sample)
-        self.rows.append(row)
-        if sample.status != KEPT:
-            return
-        # tarfile counts what it has written (headers, data, padding) in ``offset``, also in
-        # stream mode, where the file's own position lags behind its buffer.
-        start = self._tar.tarstream.offset
-        self._write_kept(sample)
-        row[TAR_BYTES] = self._tar.tarstream.offset - start
+        self.batches.append(batch)
+        self.tar_bytes.append(self._write_records(records) if records else None)
 
-    def _write_kept(self, sample: Sample) -> None:
+    def _encode(self, sample: Sample) -> tuple[pa.RecordBatch, list[dict[str, Any]]]:
+        """The sample's parquet row and tar records, every value encoded: nothing is written yet."""
+        batch = pa.RecordBatch.from_pylist([parquet_row(sample)], schema=PARQUET_SCHEMA)
+        if sample.status != KEPT:
+            return batch, []
         meta = dict(sample.meta)
         meta["capfilt"] = capfilt_record(sample, self.threshold)
         if self.layout == "pairs":
-            for key, text, pair_meta in pair_samples(sample, meta):
-                self._write_one(key, sample, text, pair_meta)
+            pairs = list(pair_samples(sample, meta))
         else:
-            self._write_one(sample.key, sample, sample.text, meta)
-
-    def _write_one(self, key: str, sample: Sample, text: str, meta: dict[str, Any]) -> None:
-        self.stats.tar_samples += 1
-        self._tar.write({
+            pairs = [(sample.key, sample.text, meta)]
+        records = [{
             "__key__": key,
             sample.image_ext: sample.image,
             "txt": text.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-        })
+        } for key, text, meta in pairs]
+        for record in records:  # member names go into tar headers as UTF-8
+            f"{record['__key__']}.{sample.image_ext}".encode("utf-8")
+        return batch, records
+
+    def _write_records(self, records: list[dict[str, Any]]) -> int:
+        """Write a kept sample's records; return the bytes they take in the tar. tarfile counts
+        what it has written (headers, data, padding) in ``offset``, also in stream mode, where
+        the file's own position lags behind its buffer."""
+        start = self._tar.tarstream.offset
+        for record in records:
+            self._tar.write(record)
+        self.stats.tar_samples += len(records)
+        return self._tar.tarstream.offset - start
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Tar, parquet and stats appear together (renamed in that order), or none of them."""
@@ -193,6 +233,8 @@ class ShardWriter:
         self._stack.__exit__(None, None, None)
 
     def _write_parquet(self) -> None:
-        table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
+        table = pa.Table.from_batches(self.batches, schema=PARQUET_SCHEMA).combine_chunks()
+        column = PARQUET_SCHEMA.get_field_index(TAR_BYTES)
+        table = table.set_column(column, PARQUET_SCHEMA.field(column), pa.array(self.tar_bytes, pa.int64()))
         with self._staging.open(parquet_name(self.shard)) as f:
             pq.write_table(table, f)
