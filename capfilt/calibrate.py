@@ -65,7 +65,7 @@ def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
     ``label`` (or ``match``) field, or parquet files with ``text``, ``label`` and ``image``
     (bytes) columns."""
     from capfilt.config import MAX_IMAGE_PIXELS
-    from capfilt.io.fs import expand_input, open_read
+    from capfilt.io.fs import expand_input, read_parquet
     from capfilt.io.images import decode_rgb
     from capfilt.io.reader import read_shard
 
@@ -73,10 +73,7 @@ def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
     images, texts, labels = [], [], []
     for url in expand_input(specs, suffixes=(".tar", ".tar.gz", ".tgz", ".parquet")):
         if url.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            with open_read(url) as f:
-                rows = pq.read_table(f, columns=["image", "text", "label"]).to_pylist()
+            rows = read_parquet(url, columns=["image", "text", "label"]).to_pylist()
             records = [(r["image"], r["text"], r["label"]) for r in rows]
         else:
             records = [(s.image, s.web_text, _label(s.meta)) for s in read_shard(url) if s.error is None]

@@ -12,10 +12,10 @@ import io
 import json
 import logging
 import os
-from typing import IO, Any
+from typing import Any
 
 from capfilt.config import DownloadConfig
-from capfilt.io.fs import OutputDir, expand_input, open_read
+from capfilt.io.fs import OutputDir, expand_input, open_read, read_parquet_schema
 from capfilt.io.layout import shard_of_stats
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ def check_url_list(cfg: DownloadConfig, input_format: str) -> None:
     or its first file lacks a column the config names (json lists are not looked into)."""
     try:
         first = expand_input(cfg.url_list, suffixes=("." + input_format,))[0]
-        with open_read(first) as raw:
-            columns = _columns(raw, first, input_format)
+        columns = _columns(first, input_format)
     except FileNotFoundError:
         raise ValueError(f"download.url_list: {cfg.url_list}: no such file, nor a folder of "
                          f".{input_format} files") from None
@@ -93,16 +92,15 @@ def check_url_list(cfg: DownloadConfig, input_format: str) -> None:
                              + ("; set download.caption_col=null for none" if key.endswith("caption_col") else ""))
 
 
-def _columns(raw: IO[bytes], url: str, input_format: str) -> list[str] | None:
+def _columns(url: str, input_format: str) -> list[str] | None:
     """The column names of a URL list file; None for a txt or json list."""
     if input_format == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_schema(raw).names
+        return read_parquet_schema(url).names
     if input_format.startswith(("txt", "json.")) or input_format == "json":
         return None
-    text = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw, encoding="utf-8")
-    first_line = text.readline()
+    with open_read(url) as raw:
+        text = io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw, encoding="utf-8")
+        first_line = text.readline()
     if input_format.startswith("jsonl"):
         return list(json.loads(first_line)) if first_line.strip() else []
     return next(csv.reader([first_line], delimiter="\t" if input_format.startswith("tsv") else ","), [])

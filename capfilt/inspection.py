@@ -6,7 +6,7 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
-from capfilt.io.fs import exists, expand_input, isdir, open_read, shard_name
+from capfilt.io.fs import exists, expand_input, isdir, read_parquet, read_parquet_schema, shard_name
 from capfilt.io.layout import PARQUET_SUFFIX, parquet_name
 from capfilt.io.reader import read_shard
 
@@ -38,17 +38,11 @@ def _rows(path: str) -> Iterator[dict[str, Any]]:
 
 
 def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    with open_read(path) as f:
-        yield from pq.read_table(f).to_pylist()
+    yield from read_parquet(path).to_pylist()
 
 
 def _is_capfilt_parquet(path: str) -> bool:
-    import pyarrow.parquet as pq
-
-    with open_read(path) as f:
-        return "web_score" in pq.read_schema(f).names
+    return "web_score" in read_parquet_schema(path).names
 
 
 def format_table(rows: list[dict[str, Any]], width: int = 48) -> str:

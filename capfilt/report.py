@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capfilt.config import MAX_IMAGE_PIXELS
-from capfilt.io.fs import exists, isdir, open_read, read_json, read_matching, write_file
+from capfilt.io.fs import exists, isdir, read_json, read_matching, read_parquet, write_file
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
 from capfilt.io.layout import RUN_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
@@ -100,12 +100,9 @@ def _shard_stats(path: str, data: bytes) -> ShardStats:
 
 
 def _parquet_rows(path: str) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     if not exists(path):
         return []
-    with open_read(path) as f:
-        return pq.read_table(f, columns=COLUMNS).to_pylist()
+    return read_parquet(path, columns=COLUMNS).to_pylist()
 
 
 def error_reason(error: str | None, key: str) -> str:

@@ -92,6 +92,25 @@ def test_inspect_with_a_negative_limit_is_one_line(tmp_path):
     assert_one_line_error(capfilt("inspect", tmp_path / "web" / "00000.tar", "--limit", "-1"), "--limit")
 
 
+def test_reading_subcommands_exit_0_as_processes(tmp_path):
+    """inspect read parquet through a Python file object, and pyarrow 26 then aborted at exit
+    now and then (exit 134, 'terminate called without an active exception'): only a process
+    shows it, so each reading subcommand runs as one, inspect several times."""
+    from test_io import shard_samples, write_output
+
+    out = tmp_path / "out"
+    write_output(out, shard_samples())
+    script = os.path.join(os.path.dirname(sys.executable), "capfilt")  # as users run it; aborted most
+    for _ in range(6):
+        for target in (out, out / "00000.parquet"):
+            result = subprocess.run([script, "inspect", str(target)], capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and "000" in result.stdout, (result.returncode, result.stderr)
+    report = capfilt("report", out, "--html", tmp_path / "r.html")
+    assert report.returncode == 0 and (tmp_path / "r.html").stat().st_size > 0, report.stderr
+    reshard = capfilt("reshard", out, tmp_path / "packed", "--samples-per-shard", "1", "--no-progress")
+    assert reshard.returncode == 0 and (tmp_path / "packed" / "00001.tar").exists(), reshard.stderr
+
+
 # --- download: the URL list is checked before img2dataset starts ------------------------------------
 
 def test_download_of_a_list_without_the_caption_column_is_one_line(tmp_path):

@@ -101,6 +101,26 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_parquet(url: str, columns: list[str] | None = None):
+    """The parquet file at ``url`` as a pyarrow Table: the one way capfilt reads parquet.
+
+    pyarrow is given the filesystem, not a Python file object: reading through a file
+    object leaves one of pyarrow's I/O threads alive at exit, and the process can abort
+    (``terminate called without an active exception``, exit 134; pyarrow 26).
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(url)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_parquet_schema(url: str):
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(url)
+    return pq.read_schema(path, filesystem=fs)
+
+
 def read_json(url: str) -> Any:
     """The parsed JSON file at ``url``; None when there is no such file."""
     try:

@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Iterator
 
 from capfilt.config import ReaderConfig
-from capfilt.io.fs import open_read, shard_name
+from capfilt.io.fs import open_read, read_parquet, shard_name
 from capfilt.io.layout import parquet_name
 from capfilt.sample import Sample
 
@@ -85,12 +85,9 @@ def sidecar_metadata(url: str) -> dict[str, dict]:
 
     They fill in fields a sample's json lacks. Absent or unreadable: no extra fields.
     """
-    import pyarrow.parquet as pq
-
     path = posixpath.join(posixpath.dirname(url), parquet_name(shard_name(url)))
     try:
-        with open_read(path) as f:
-            rows = pq.read_table(f).to_pylist()
+        rows = read_parquet(path).to_pylist()
     except FileNotFoundError:
         return {}
     except Exception as exc:  # a broken sidecar must not cost the shard
