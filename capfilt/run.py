@@ -140,10 +140,16 @@ def _remove_temporaries(out: OutputDir) -> None:
 
 def check_models(config: Config) -> None:
     """Both models can be loaded (a checkpoint folder, or a hub id in reach), before any worker tries."""
-    from capfilt.models.loading import check_checkpoint
+    from capfilt.models.loading import check_checkpoint, text_positions
 
-    check_checkpoint("captioner.model", config.captioner.model, config.captioner.revision)
-    check_checkpoint("filter.model", config.filter.model, config.filter.revision)
+    slots = (("captioner", config.captioner, "max_length"), ("filter", config.filter, "max_text_tokens"))
+    for slot, section, length_key in slots:
+        checkpoint = check_checkpoint(f"{slot}.model", section.model, section.revision)
+        # A longer text would index past the position embeddings in every batch of every shard.
+        positions, wanted = text_positions(checkpoint), getattr(section, length_key)
+        if positions is not None and wanted > positions:
+            raise ValueError(f"{slot}.{length_key}: {wanted} tokens, but {section.model}'s text model "
+                             f"has {positions} positions; set it to {positions} or less")
 
 
 def check_compatible(out: OutputDir, config: Config, mode: str) -> None:

@@ -79,6 +79,17 @@ def test_an_empty_model_folder_is_refused_before_ray_starts(tiny_models, tmp_pat
     assert_one_line_error(result, "captioner.model", "holds no checkpoint")
 
 
+@pytest.mark.parametrize("override, key", [("captioner.max_length=200", "captioner.max_length"),
+                                           ("filter.max_text_tokens=100", "filter.max_text_tokens")])
+def test_a_text_length_beyond_the_models_positions_is_refused_before_ray_starts(
+        tiny_models, tmp_path, override, key):
+    """It used to fail every shard twice with 'IndexError: index out of range in self'."""
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    result = capfilt(*tiny_run(tiny_models, tmp_path / "web", tmp_path / "out", "--no-progress", override))
+    assert_one_line_error(result, key, "has 64 positions")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unreachable_hub_default_is_refused_before_ray_starts(tmp_path):
     make_web_shards(tmp_path / "web", shards=1, per_shard=2)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache

@@ -6,6 +6,7 @@ Weights load as safetensors only, and never with ``trust_remote_code``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -46,29 +47,40 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TINY_HINT = "make tiny local models with: capfilt tiny-models DIR"
 
 
-def check_checkpoint(key: str, name: str, revision: str | None = None) -> None:
-    """Raise ValueError naming ``key`` unless ``name`` is a folder with a safetensors checkpoint
-    or a hub id whose config can be had (cached, or fetched): checked before workers start."""
+def check_checkpoint(key: str, name: str, revision: str | None = None) -> dict[str, Any]:
+    """The checkpoint's ``config.json``, read before workers start. Raises ValueError naming
+    ``key`` unless ``name`` is a folder with a safetensors checkpoint or a hub id whose config
+    can be had (cached, or fetched)."""
     local = os.path.expanduser(name)
     if os.path.isdir(local):
         if not os.path.exists(os.path.join(local, "config.json")) or \
                 not any(os.path.exists(os.path.join(local, w)) for w in WEIGHT_FILES):
             raise ValueError(f"{key}: {name} holds no checkpoint (config.json and model.safetensors, "
                              f"as save_pretrained writes them); {TINY_HINT}")
-        return
+        return _read_config(os.path.join(local, "config.json"))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ValueError(f"{key}: {name!r} is not a folder, nor a hub id like "
                          f"'Salesforce/blip-itm-large-coco' ({TINY_HINT})")
     from huggingface_hub import constants, hf_hub_download
 
     try:
-        hf_hub_download(name, "config.json", revision=revision)
+        return _read_config(hf_hub_download(name, "config.json", revision=revision))
     except Exception as exc:  # offline, unreachable, no such repo or revision: one line for all
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
                else f"{type(exc).__name__}: {first}")
         raise ValueError(f"{key}: cannot get {name!r} (revision {revision}) from the Hugging Face hub "
                          f"({why}); give a local folder, or {TINY_HINT}") from exc
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def text_positions(config: dict[str, Any]) -> int | None:
+    """How many tokens a checkpoint's text model can take (its position embeddings)."""
+    return (config.get("text_config") or {}).get("max_position_embeddings")
 
 
 def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str) -> Loaded:
