@@ -202,3 +202,22 @@ def test_soak_fifty_shards_with_a_worker_kill_and_a_bad_shard(tiny_models, tmp_p
     assert len(keys) == len(set(keys)) and set(keys) == expected_keys
     assert stats["samples"] == len(expected_keys) == stats["kept"] + stats["dropped"] + stats["error"]
     assert not [n for n in names(out) if ".tmp-" in n]
+
+
+def test_workers_dying_for_good_stop_the_run_with_the_reason(tmp_path):
+    """A dead worker is never given another shard; when no replacement is left, the shards not
+    yet done are reported as such, not failed one by one on a dead actor as 'worker died'."""
+    from capfilt.config import RuntimeConfig
+    from capfilt.runtime.executor import RayExecutor
+    from capfilt.runtime.shards import ShardTask
+
+    class DyingStep:  # defined here so that Ray pickles it by value
+        def run(self, task, report=None, worker=None):
+            os._exit(1)
+
+    runtime = RuntimeConfig(num_workers=1, max_restarts=0, max_task_retries=0, shard_attempts=1)
+    tasks = [ShardTask(url=f"in/{i}.tar", name=f"{i:05d}", output=str(tmp_path)) for i in range(4)]
+    results = RayExecutor(DyingStep, runtime).run(tasks)
+    errors = [r.error for r in sorted(results, key=lambda r: r.task.name)]
+    assert all(e.startswith("worker died") for e in errors[:2]), errors  # the first, and its one replacement
+    assert all(e.startswith("no worker left") for e in errors[2:]), errors

@@ -222,7 +222,8 @@ class RayExecutor:
             for ref in ready:
                 worker, task = inflight.pop(ref)
                 result, worker = self._collect(ray, ref, worker, task, attempts[task], progress_name)
-                idle.append(worker)
+                if worker is not None:
+                    idle.append(worker)
                 if not result.ok and attempts[task] < rt.shard_attempts:
                     log.warning("shard %s failed (attempt %d), retrying: %s",
                                 task.name, attempts[task], result.error)
@@ -231,17 +232,28 @@ class RayExecutor:
                 results.append(result)
                 if on_result:
                     on_result(result)
+            if pending and not idle and not inflight:  # every worker died for good: stop, say why
+                reason = (f"no worker left: workers kept dying and the {self._replacements} replacements "
+                          f"allowed (runtime.num_workers x runtime.max_restarts) are spent")
+                log.error("%s; %d shards not processed", reason, len(pending))
+                for task in pending:
+                    results.append(ShardResult(task, None, reason, attempts[task]))
+                    if on_result:
+                        on_result(results[-1])
+                pending.clear()
         if on_progress:
             _report_progress(ray, progress, on_progress)
         return results
 
     def _collect(self, ray, ref, worker, task: ShardTask, attempt: int,
                  progress_name: str) -> tuple[ShardResult, Any]:
-        """A finished task's result, and the worker to give the next task (a new one if it died)."""
+        """A finished task's result, and the worker to give the next task: a new one if it died
+        and replacements are left, else None (a dead worker is never given another task)."""
         rt = self.runtime
         try:
             return ShardResult(task, ray.get(ref), attempts=attempt), worker
         except ray.exceptions.RayActorError as exc:
+            worker = None
             if self._replacements < rt.num_workers * max(1, rt.max_restarts):
                 self._replacements += 1
                 worker = self._new_worker(ray, progress_name)
