@@ -45,10 +45,16 @@ def _is_capfilt_parquet(path: str) -> bool:
     return "web_score" in read_parquet_schema(path).names
 
 
+def printable(text: str) -> str:
+    """Web text as a terminal shows it harmlessly: escape sequences and other control or
+    format characters as ``\\x1b``-style escapes, never sent to the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def format_table(rows: list[dict[str, Any]], width: int = 48) -> str:
     """A plain terminal table: key, status, web text and score, captions and scores."""
     def cut(text: str | None) -> str:
-        text = "" if text is None else " ".join(str(text).split())
+        text = "" if text is None else printable(" ".join(str(text).split()))
         return text if len(text) <= width else text[: width - 1] + "…"
 
     def score(value: float | None) -> str:

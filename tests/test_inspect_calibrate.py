@@ -46,6 +46,15 @@ def test_inspect_input_shard(tmp_path, capsys):
     assert "k1" in table and "input" in table and "a blue square" in table
 
 
+def test_inspect_escapes_terminal_sequences_in_web_text(tmp_path, capsys):
+    hostile = "\x1b]0;owned\x07\x1b[2Jred\u202esquare\x9b"
+    path = write_shard(tmp_path / "00000.tar", [{"key": "k1", "jpg": image_bytes("blue"), "txt": hostile}])
+    assert main(["inspect", path]) == 0
+    table = capsys.readouterr().out
+    assert not any(c in table for c in "\x1b\x07\u202e\x9b")
+    assert "\\x1b]0;owned\\x07\\x1b[2Jred\\u202esquare\\x9b" in table
+
+
 def labelled_shard(path):
     samples = []
     for i, (colour, label) in enumerate([("red", 1), ("blue", 0), ("green", 1), ("yellow", 0)] * 3):
