@@ -55,6 +55,9 @@ RayRetries = Annotated[int, Field(ge=-1)]
 
 # reader.max_image_pixels' default, also the limit where no config is at hand.
 MAX_IMAGE_PIXELS = 50_000_000
+# reader.image_formats' default: the formats a webdataset image can be. PIL's other plugins
+# never parse untrusted bytes (EPS, for one, starts Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(config=STRICT)
@@ -101,6 +104,8 @@ class ReaderConfig:
     # A tar member larger than this is not read into memory; its sample becomes an error.
     max_member_bytes: PositiveInt = 64 * 1024 * 1024
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    # PIL format names an image may be decoded as, whatever its extension says.
+    image_formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))
 
 
 @dataclass(config=STRICT)

@@ -62,7 +62,7 @@ class CapFiltStep:
         if sample.error is not None:
             return sample
         try:
-            image = decode_rgb(sample.image, self.config.reader.max_image_pixels)
+            image = decode_rgb(sample.image, self.config.reader.max_image_pixels, self.config.reader.image_formats)
             sample.width, sample.height = image.size
             sample.pixels = {
                 name: proc(images=image, return_tensors="np")["pixel_values"][0]

@@ -295,6 +295,19 @@ def test_decode_rgb_keeps_colours():
     assert red > 200 and green < 60 and blue < 60
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_only_the_allowed_formats_parse_the_bytes():
+    """An EPS saved as .jpg is not identified at all: PIL's EPS plugin would run Ghostscript."""
+    with pytest.raises(ImageError, match="UnidentifiedImageError"):
+        decode_rgb(EPS, 10_000)
+    png = IMAGES["1x1_png"]()
+    assert decode_rgb(png, 10_000).size == (1, 1)
+    with pytest.raises(ImageError, match="UnidentifiedImageError"):  # the formats are configurable
+        decode_rgb(png, 10_000, formats=["JPEG"])
+
+
 def test_decode_rgb_puts_transparency_on_white():
     clear = encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "PNG")
     assert decode_rgb(clear, 100).getpixel((0, 0)) == (255, 255, 255)

@@ -7,6 +7,8 @@ import warnings
 
 from PIL import Image, ImageFile
 
+from capfilt.config import IMAGE_FORMATS
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -14,8 +16,11 @@ class ImageError(ValueError):
     pass
 
 
-def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int, formats=IMAGE_FORMATS) -> Image.Image:
     """Return the first frame of ``data`` as RGB; raise ``ImageError`` with a reason.
+
+    Only PIL's plugins for ``formats`` look at the bytes: data of any other format is
+    "cannot identify image file", never parsed.
 
     The size is checked from the header before any pixel is decoded, so a tiny
     file that claims a giant size costs nothing. PIL's own bomb check (a warning
@@ -26,7 +31,7 @@ def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels rules
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(formats))
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(f"image claims {width}x{height} pixels, over the limit of {max_pixels}")
