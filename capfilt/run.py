@@ -22,13 +22,13 @@ from capfilt.io.layout import RUN_FILE, SIZES_FILE, STATS_FILE, stats_name, tar_
 from capfilt.runtime.executor import RayExecutor, ShardResult
 from capfilt.runtime.progress import SampleBar, estimate_samples
 from capfilt.runtime.shards import ShardTask, plan_shards, split_done
+from capfilt.redaction import redact_options, redact_strings, redact_text
 from capfilt.stats import TIMING, Counts, ShardStats
 from capfilt.step import CapFiltStep
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("capfilt", "torch", "transformers", "ray", "webdataset", "pyarrow", "fsspec", "pillow")
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 
 class RunRefused(RuntimeError):
@@ -173,8 +173,8 @@ def run_record(config: Config, shards: int) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    resolved = config.to_dict()
-    resolved["storage_options"] = redact(resolved["storage_options"])
+    resolved = redact_strings(config.to_dict())
+    resolved["storage_options"] = redact_options(config.storage_options)
     return {
         "config": resolved,
         "fingerprint": config.fingerprint(),
@@ -185,16 +185,6 @@ def run_record(config: Config, shards: int) -> dict[str, Any]:
         },
         "shards": shards,
     }
-
-
-def redact(options: Any) -> Any:
-    """Storage options without credentials, at any depth (``client_kwargs`` too), for run.json."""
-    if isinstance(options, dict):
-        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(v, dict)
-                else redact(v) for k, v in options.items()}
-    if isinstance(options, list):
-        return [redact(v) for v in options]
-    return options
 
 
 def read_done_stats(out: OutputDir, tasks: list[ShardTask]) -> dict[str, ShardStats]:
@@ -212,8 +202,8 @@ def aggregate(done_stats: dict[str, ShardStats], tasks: list[ShardTask],
         "shards": len(tasks),
         "shards_done": len(done_stats),
         "shards_failed": len(this_run.failed),
-        "failed": [{"shard": r.task.name, "input": r.task.url, "attempts": r.attempts,
-                    "error": r.error} for r in this_run.failed],
+        "failed": [{"shard": r.task.name, "input": redact_text(r.task.url), "attempts": r.attempts,
+                    "error": redact_text(r.error)} for r in this_run.failed],
         **totals.as_dict(),
         "web_kept_pct": totals.web_kept_pct,
         "captions_kept_pct": totals.captions_kept_pct,

@@ -25,6 +25,7 @@ from capfilt.models.itm_filter import ITMFilter
 from capfilt.models.loading import resolve_device, torch_dtype
 from capfilt.prefetch import prefetch_batches
 from capfilt.runtime.shards import ShardTask
+from capfilt.redaction import redact_text
 from capfilt.sample import Sample
 from capfilt.stats import ShardStats
 
@@ -79,7 +80,7 @@ class CapFiltStep:
             worker: dict[str, Any] | None = None) -> ShardStats:
         """Process one shard. ``worker`` (who runs it, from the executor) goes into the stats' timing."""
         rt = self.config.runtime
-        stats = ShardStats(shard=task.name, input=task.url)
+        stats = ShardStats(shard=task.name, input=redact_text(task.url))
         stats.start(worker or {"worker_pid": os.getpid()})
         out = OutputDir(task.output)
         samples = read_shard(task.url, self.reader_options)

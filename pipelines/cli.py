@@ -85,10 +85,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line: ``PATH: REASON`` for an OS error on a path."""
+    """The message of ``exc`` on one line, credentials masked: ``PATH: REASON`` for an OS error
+    on a path."""
+    from capfilt.redaction import redact_text
+
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
-        return f"{exc.filename}: {exc.strerror}"
-    text = " ".join(str(exc).split())
+        return redact_text(f"{exc.filename}: {exc.strerror}")
+    text = redact_text(" ".join(str(exc).split()))
     if isinstance(exc, KeyboardInterrupt):
         return text
     return text or type(exc).__name__

@@ -257,3 +257,45 @@ def test_every_option_says_what_it_does_and_its_default():
             shown = action.default not in (None, False, []) and not isinstance(action.default, bool)
             if shown:
                 assert f"(default: {action.default})" in text, f"capfilt {name} {action.dest}: no default"
+
+
+# --- credentials ----------------------------------------------------------------------------------
+
+USER_PASSWORD, SIGNATURE = "hunter2pw", "SIGSECRET123"
+
+
+@pytest.fixture
+def signed_shards(tmp_path):
+    """Shards served on 127.0.0.1, named by URLs that carry a password and a signature."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    make_web_shards(tmp_path / "served", shards=1, per_shard=3)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://capuser:{USER_PASSWORD}@127.0.0.1:{httpd.server_port}"
+    yield [f"{base}/{name}.tar?X-Amz-Signature={SIGNATURE}&X-Amz-Date=20261202" for name in ("00000", "gone")]
+    httpd.shutdown()
+
+
+def test_credentials_in_input_urls_reach_no_file_and_no_output(tiny_models, tmp_path, signed_shards):
+    out = tmp_path / "out"
+    env = dict(os.environ, NO_PROXY="localhost,127.0.0.1,::1")
+    result = capfilt(*tiny_run(tiny_models, signed_shards[0], out, "--no-progress", "-v",
+                               "runtime.shard_attempts=1", f"storage_options={{http: {{headers: "
+                               f"{{X-Api-Key: {SIGNATURE}}}}}}}"), env=env)
+    result_missing = capfilt(*tiny_run(tiny_models, signed_shards[1], tmp_path / "out2", "--no-progress",
+                                       "runtime.shard_attempts=1"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result_missing.returncode == 1, result_missing.stderr  # the 404 is named, masked
+    assert "gone" in result_missing.stdout
+    assert json.loads((out / STATS_FILE).read_text())["shards_done"] == 1
+    written = [p.read_bytes() for folder in (out, tmp_path / "out2") for p in folder.iterdir()]
+    printed = [r.stdout + r.stderr for r in (result, result_missing)]
+    for secret in (USER_PASSWORD, SIGNATURE):
+        assert not any(secret.encode() in data for data in written), secret
+        assert not any(secret in text for text in printed), secret
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "run.json", "sizes.json", "stats.json"]

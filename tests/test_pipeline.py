@@ -261,3 +261,18 @@ def test_run_record_redacts_credentials_at_any_depth():
     record = json.dumps(_run_record(config, 1))
     assert "sekrit" not in record and "AKIA" not in record
     assert "http://127.0.0.1:9000" in record and "us-east-1" in record
+
+
+def test_redaction_masks_credentials_in_text_but_not_ordinary_names():
+    from capfilt.redaction import redact_options, redact_text
+
+    text = ("s3 error for https://u:pw1@h/x.tar?X-Amz-Credential=AKIA1&X-Amz-Signature=s1g&width=3 and "
+            "azure AccountName=a;AccountKey=k3y==;EndpointSuffix=core sv=1&sig=s2g filter.max_text_tokens=35")
+    masked = redact_text(text)
+    for secret in ("pw1", "AKIA1", "s1g", "k3y", "s2g"):
+        assert secret not in masked, secret
+    assert "width=3" in masked and "AccountName=a" in masked and "max_text_tokens=35" in masked
+    options = redact_options({"s3": {"client_kwargs": {"headers": {"Authorization": "Bearer t0k"}},
+                                     "connection_string": "x", "endpoint_url": "http://127.0.0.1:9000"}})
+    assert "t0k" not in str(options) and options["s3"]["connection_string"] == "***"
+    assert options["s3"]["endpoint_url"] == "http://127.0.0.1:9000"

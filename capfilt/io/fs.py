@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import fsspec
 from braceexpand import braceexpand
@@ -57,6 +58,8 @@ def expand_input(spec: str | list[str], suffixes: tuple[str, ...] = SHARD_SUFFIX
 
 
 def _expand_one(pattern: str, suffixes: tuple[str, ...]) -> list[str]:
+    if pattern.startswith(("http://", "https://")):
+        return [pattern]  # a web address lists nothing, and its '?' starts a query (a signed URL's)
     fs, path = url_to_fs(pattern)
     if any(ch in path for ch in "*?["):
         matches = sorted(fs.glob(path))
@@ -84,7 +87,10 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def shard_name(url: str) -> str:
-    """``s3://b/x/00012.tar`` -> ``00012``; the output names derive from it."""
+    """``s3://b/x/00012.tar`` -> ``00012``; the output names derive from it. A URL's query
+    and fragment (a signed URL's credentials) are not part of it."""
+    if "://" in url:
+        url = urlsplit(url).path
     base = posixpath.basename(url.rstrip("/"))
     for ext in (".tar.gz", ".tgz", ".tar"):
         if base.endswith(ext):

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from capfilt.config import ReaderConfig
 from capfilt.io.fs import open_read, read_parquet, shard_name
 from capfilt.io.layout import parquet_name
+from capfilt.redaction import redact_text
 from capfilt.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def read_shard(url: str, options: ReaderConfig | None = None) -> Iterator[Sample
     options = options or ReaderConfig()
     extra = sidecar_metadata(url)
     with open_read(url) as stream:
-        for sample in _read_stream(stream, url, options):
+        # Samples and messages name the shard without the credentials its URL may hold.
+        for sample in _read_stream(stream, redact_text(url), options):
             for field_name, value in extra.get(sample.key, {}).items():
                 sample.meta.setdefault(field_name, value)
             yield sample

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capfilt.config import RuntimeConfig
+from capfilt.redaction import redact_text
 from capfilt.runtime.shards import ShardTask
 
 log = logging.getLogger(__name__)
@@ -257,9 +258,9 @@ class RayExecutor:
             if self._replacements < rt.num_workers * max(1, rt.max_restarts):
                 self._replacements += 1
                 worker = self._new_worker(ray, progress_name)
-            return ShardResult(task, None, f"worker died: {exc}", attempt), worker
+            return ShardResult(task, None, redact_text(f"worker died: {exc}"), attempt), worker
         except ray.exceptions.RayTaskError as exc:
-            return ShardResult(task, None, _task_error(exc), attempt), worker
+            return ShardResult(task, None, redact_text(_task_error(exc)), attempt), worker
 
 
 def _report_progress(ray, progress, on_progress) -> None:
