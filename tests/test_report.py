@@ -80,6 +80,38 @@ def test_error_reason_drops_shard_key_and_numbers():
     assert reason == "image claims NxN pixels, over the limit of N"
 
 
+def test_error_reason_is_linear_on_long_runs_of_spaces():
+    import time
+
+    start = time.perf_counter()
+    assert error_reason("x.tar: k.jpg: bad" + " " * 200_000 + "name", "k").startswith("bad   ")
+    assert time.perf_counter() - start < 1.0  # the quadratic regex took minutes here
+
+
+FAILED = [{"shard": "00007", "input": "in/00007.tar", "attempts": 2, "error": "ShardReadError: not a tar"}]
+
+
+def test_failed_shards_are_a_table_with_their_reasons_and_counted(tmp_path):
+    from capfilt.report import render_html
+
+    out = hand_made_output(tmp_path)
+    (out / "stats.json").write_text(json.dumps({"failed": FAILED}))
+    data = build_report(str(out))
+    assert data.totals["shards_failed"] == 1
+    assert data.errors["shard failed: not a tar"] == 1
+    page = render_html(data)
+    assert "<td>00007</td><td>in/00007.tar</td><td>2</td><td>ShardReadError: not a tar</td>" in page
+    assert "{'shard'" not in page  # no raw Python dicts
+
+
+def test_a_run_whose_every_shard_failed_still_gets_a_report(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text(json.dumps({"failed": FAILED}))
+    data = build_report(str(out))
+    assert data.totals["shards"] == 0 and data.totals["shards_failed"] == 1 and data.failed == FAILED
+
+
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope"), "--html", str(tmp_path / "r.html")]) == 2
     assert "no such output folder" in capsys.readouterr().err
