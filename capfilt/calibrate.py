@@ -48,16 +48,44 @@ def suggest(points: list[Point], target: str = "balanced_accuracy", value: float
     threshold with recall >= value (``recall``); or the lowest with precision >= value (``precision``)."""
     if target in ("balanced_accuracy", "f1"):
         return max(points, key=lambda p: (getattr(p, target), -abs(p.threshold - 0.5)))
+    if target not in ("recall", "precision"):
+        raise ValueError(f"unknown calibration target {target!r}")
+    if value is None or not 0 < value <= 1:
+        raise ValueError(f"the {target} to reach must be in (0, 1], not {value}")
     if target == "recall":
         ok = [p for p in points if p.recall >= value]
         return max(ok, key=lambda p: p.threshold) if ok else min(points, key=lambda p: p.threshold)
-    if target == "precision":
-        ok = [p for p in points if p.precision >= value]
-        return min(ok, key=lambda p: p.threshold) if ok else max(points, key=lambda p: p.threshold)
-    raise ValueError(f"unknown calibration target {target!r}")
+    # A threshold that keeps nothing has no precision to speak of: it never meets the target.
+    keeping = [p for p in points if p.recall > 0] or points
+    ok = [p for p in keeping if p.precision >= value]
+    return min(ok, key=lambda p: p.threshold) if ok else max(keeping, key=lambda p: (p.precision, -p.threshold))
+
+
+def shortfall(point: Point, target: str, value: float | None) -> str | None:
+    """Why ``point`` (from ``suggest``) does not meet a precision or recall target, or None."""
+    if target == "recall" and point.recall < value:
+        return f"no threshold keeps recall >= {value}; the suggestion keeps {point.recall:.3f}"
+    if target == "precision" and (point.precision < value or point.recall == 0):
+        return (f"no threshold reaches precision >= {value} while keeping any matching pair; "
+                f"the suggestion reaches {point.precision:.3f}")
+    return None
 
 
 LABEL_FIELDS = ("label", "match", "is_match")
+PARQUET_COLUMNS = ("image", "text", "label")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "match"), ("0", "false", "no", "mismatch", "no_match")
+
+
+def parse_label(value, where: str) -> bool:
+    """A label as a bool: true/false, 1/0, or the words yes/no, true/false, match/mismatch."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ValueError(f"{where}: label {value!r} is not a match or no-match "
+                     "(true/false, 1/0, yes/no, match/mismatch)")
 
 
 def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
@@ -65,7 +93,7 @@ def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
     ``label`` (or ``match``) field, or parquet files with ``text``, ``label`` and ``image``
     (bytes) columns."""
     from capfilt.config import MAX_IMAGE_PIXELS
-    from capfilt.io.fs import expand_input, read_parquet
+    from capfilt.io.fs import expand_input, read_parquet, read_parquet_schema
     from capfilt.io.images import decode_rgb
     from capfilt.io.reader import read_shard
 
@@ -73,17 +101,25 @@ def load_labelled(spec: str | list[str]) -> tuple[list, list[str], list[bool]]:
     images, texts, labels = [], [], []
     for url in expand_input(specs, suffixes=(".tar", ".tar.gz", ".tgz", ".parquet")):
         if url.endswith(".parquet"):
-            rows = read_parquet(url, columns=["image", "text", "label"]).to_pylist()
-            records = [(r["image"], r["text"], r["label"]) for r in rows]
+            missing = [c for c in PARQUET_COLUMNS if c not in read_parquet_schema(url).names]
+            if missing:
+                raise ValueError(f"{url}: a labelled parquet needs the columns {list(PARQUET_COLUMNS)}; "
+                                 f"it lacks {missing}")
+            rows = read_parquet(url, columns=list(PARQUET_COLUMNS)).to_pylist()
+            records = [(r["image"], r["text"], r["label"], f"{url} row {i}") for i, r in enumerate(rows)]
         else:
-            records = [(s.image, s.web_text, _label(s.meta)) for s in read_shard(url) if s.error is None]
-        for image, text, label in records:
+            records = [(s.image, s.web_text, _label(s.meta), f"{url}: {s.key}")
+                       for s in read_shard(url) if s.error is None]
+        for image, text, label, where in records:
             if image is None or text is None or label is None:
                 continue
+            labels.append(parse_label(label, where))
             images.append(decode_rgb(bytes(image), MAX_IMAGE_PIXELS))
             texts.append(text)
-            labels.append(bool(label))
-    if not labels or all(labels) or not any(labels):
+    if not labels:
+        raise ValueError(f"{spec}: no labelled pair (a shard sample's json needs a field "
+                         f"{' or '.join(LABEL_FIELDS)}; a parquet row a label)")
+    if all(labels) or not any(labels):
         raise ValueError(f"{spec}: a labelled set needs both matching and non-matching pairs "
                          f"(found {sum(labels)} of {len(labels)} matching)")
     return images, texts, labels

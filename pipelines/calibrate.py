@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
-from capfilt.calibrate import curve, load_labelled, score_pairs, suggest
+from capfilt.calibrate import curve, load_labelled, score_pairs, shortfall, suggest
 from capfilt.config import Config
 from pipelines.arguments import add_config, load
 
@@ -29,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.target in ("precision", "recall") and args.value is None:
-        raise ValueError(f"--target {args.target} needs --value")
+    if args.target in ("precision", "recall") and (args.value is None or not 0 < args.value <= 1):
+        raise ValueError(f"--target {args.target} needs --value in (0, 1], not {args.value}")
     run(load(args), args.labelled, args.target, args.value, args.output)
     return 0
 
@@ -45,6 +46,9 @@ def run(config: Config, labelled: str, target: str, value: float | None, output:
     points = curve(scores, labels)
     best = suggest(points, target, value)
     print_table(points, best, config.filter.threshold, len(labels), sum(labels))
+    unmet = shortfall(best, target, value)
+    if unmet:
+        print(f"warning: {unmet}", file=sys.stderr)
     result = {"model": config.filter.model, "pairs": len(labels), "matching": sum(labels),
               "target": target, "value": value, "suggested_threshold": best.threshold,
               "at_suggested": _point(best), "curve": [_point(p) for p in points]}

@@ -27,3 +27,56 @@ def test_suggest_for_each_goal():
     assert suggest(points, "precision", 1.0).threshold == pytest.approx(0.31)  # lowest with no false match
     with pytest.raises(ValueError):
         suggest(points, "accuracy")
+
+
+SCORES = [0.9, 0.8, 0.35, 0.3, 0.2, 0.1]
+LABELS = [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("target, value", [("recall", 2), ("recall", -1), ("precision", 0), ("precision", None)])
+def test_an_impossible_target_value_is_an_error(target, value):
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        suggest(curve(SCORES, LABELS), target, value)
+
+
+def test_a_precision_met_only_by_keeping_nothing_is_not_suggested_silently():
+    from capfilt.calibrate import shortfall
+
+    labels = [False, True, True, False, False, False]  # the best score is a non-match
+    best = suggest(curve(SCORES, labels), "precision", 1.0)
+    assert best.recall > 0  # it keeps something
+    assert "no threshold reaches precision >= 1.0" in shortfall(best, "precision", 1.0)
+    met = suggest(curve(SCORES, LABELS), "precision", 1.0)
+    assert shortfall(met, "precision", 1.0) is None
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (0, False), (1.0, True), ("yes", True), ("No", False),
+                                             ("false", False), (" match ", True), ("1", True)])
+def test_labels_are_read_as_what_they_say(value, expected):
+    from capfilt.calibrate import parse_label
+
+    assert parse_label(value, "x") is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, 0.5, ""])
+def test_a_label_that_says_neither_is_an_error_naming_where(value):
+    from capfilt.calibrate import parse_label
+
+    with pytest.raises(ValueError, match="in.tar: k1: label"):
+        parse_label(value, "in.tar: k1")
+
+
+def test_a_parquet_without_a_label_column_or_shards_without_labels_are_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import image_bytes, write_shard
+
+    from capfilt.calibrate import load_labelled
+
+    path = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"image": [image_bytes("red")], "text": ["a red square"]}), path)
+    with pytest.raises(ValueError, match=r"l.parquet: a labelled parquet needs the columns .* lacks \['label'\]"):
+        load_labelled(str(path))
+    shard = write_shard(tmp_path / "s.tar", [{"key": "k", "jpg": image_bytes("red"), "txt": "a red square"}])
+    with pytest.raises(ValueError, match="no labelled pair"):
+        load_labelled(shard)
