@@ -213,6 +213,9 @@ class RuntimeConfig:
     max_task_retries: RayRetries = 3
     # Attempts per shard when processing it raises (a bad tar, a missing file).
     shard_attempts: PositiveInt = 2
+    # Seconds a shard may take before it is abandoned (its worker replaced) and tried again;
+    # null: no limit. One hung read (a stalled object store) then cannot hang the run.
+    shard_timeout: Union[PositiveFloat, None] = None
     # Workers keep freed memory for the next batch instead of returning it to the OS
     # (glibc; capfilt/runtime/memory.py): no page faults on every layer's activations.
     retain_freed_memory: bool = True

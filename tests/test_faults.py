@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -221,3 +222,28 @@ def test_workers_dying_for_good_stop_the_run_with_the_reason(tmp_path):
     errors = [r.error for r in sorted(results, key=lambda r: r.task.name)]
     assert all(e.startswith("worker died") for e in errors[:2]), errors  # the first, and its one replacement
     assert all(e.startswith("no worker left") for e in errors[2:]), errors
+
+
+def test_a_hung_shard_is_abandoned_retried_and_reported_while_the_rest_complete(tmp_path):
+    from capfilt.config import RuntimeConfig
+    from capfilt.runtime.executor import RayExecutor
+    from capfilt.runtime.shards import ShardTask
+
+    class Done:
+        def counts(self):
+            return {"samples": 1}
+
+    class HangingStep:  # a read that never returns, on one shard only
+        def run(self, task, report=None, worker=None):
+            if task.name == "00001":
+                time.sleep(3600)
+            return Done()
+
+    runtime = RuntimeConfig(num_workers=1, shard_attempts=2, shard_timeout=3)
+    tasks = [ShardTask(url=f"in/{i}.tar", name=f"{i:05d}", output=str(tmp_path)) for i in range(3)]
+    start = time.monotonic()
+    results = {r.task.name: r for r in RayExecutor(HangingStep, runtime).run(tasks)}
+    assert time.monotonic() - start < 120
+    assert results["00000"].ok and results["00002"].ok
+    hung = results["00001"]
+    assert not hung.ok and hung.attempts == 2 and "timed out after 3 s (runtime.shard_timeout)" in hung.error

@@ -207,44 +207,30 @@ class RayExecutor:
     def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
         rt = self.runtime
         progress_name, progress, idle = self._start(ray, min(rt.num_workers, len(tasks)))
-        pending = deque(tasks)
-        attempts: Counter = Counter()
-        inflight: dict[Any, tuple[Any, ShardTask]] = {}
-        results: list[ShardResult] = []
-        self._replacements = 0
-        while pending or inflight:
-            while idle and pending:
-                worker, task = idle.pop(), pending.popleft()
-                attempts[task] += 1
-                inflight[worker.process.remote(task)] = (worker, task)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+        run = _Run(tasks, idle, rt, on_result)
+        while run.pending or run.inflight:
+            run.dispatch()
+            ready, _ = ray.wait(list(run.inflight), num_returns=1, timeout=0.5)
             if on_progress:
                 _report_progress(ray, progress, on_progress)
             for ref in ready:
-                worker, task = inflight.pop(ref)
-                result, worker = self._collect(ray, ref, worker, task, attempts[task], progress_name)
+                worker, task, _ = run.inflight.pop(ref)
+                result, worker = self._collect(ray, ref, worker, task, run.attempts[task], progress_name)
                 if worker is not None:
-                    idle.append(worker)
-                if not result.ok and attempts[task] < rt.shard_attempts:
-                    log.warning("shard %s failed (attempt %d), retrying: %s",
-                                task.name, attempts[task], result.error)
-                    pending.append(task)
-                    continue
-                results.append(result)
-                if on_result:
-                    on_result(result)
-            if pending and not idle and not inflight:  # every worker died for good: stop, say why
-                reason = (f"no worker left: workers kept dying and the {self._replacements} replacements "
-                          f"allowed (runtime.num_workers x runtime.max_restarts) are spent")
-                log.error("%s; %d shards not processed", reason, len(pending))
-                for task in pending:
-                    results.append(ShardResult(task, None, reason, attempts[task]))
-                    if on_result:
-                        on_result(results[-1])
-                pending.clear()
+                    run.idle.append(worker)
+                run.settle(result)
+            for ref in run.overdue():
+                worker, task, _ = run.inflight.pop(ref)
+                ray.kill(worker, no_restart=True)  # the one way to stop an actor's running task
+                run.idle.append(self._new_worker(ray, progress_name))
+                run.settle(ShardResult(task, None, f"timed out after {rt.shard_timeout:g} s "
+                                       "(runtime.shard_timeout)", run.attempts[task]))
+            if run.pending and not run.idle and not run.inflight:  # every worker died for good
+                run.give_up(f"no worker left: workers kept dying and the {self._replacements} replacements "
+                            "allowed (runtime.num_workers x runtime.max_restarts) are spent")
         if on_progress:
             _report_progress(ray, progress, on_progress)
-        return results
+        return run.results
 
     def _collect(self, ray, ref, worker, task: ShardTask, attempt: int,
                  progress_name: str) -> tuple[ShardResult, Any]:
@@ -261,6 +247,51 @@ class RayExecutor:
             return ShardResult(task, None, redact_text(f"worker died: {exc}"), attempt), worker
         except ray.exceptions.RayTaskError as exc:
             return ShardResult(task, None, redact_text(_task_error(exc)), attempt), worker
+
+
+class _Run:
+    """One run's bookkeeping: shards waiting, in flight (since when), settled; idle workers."""
+
+    def __init__(self, tasks: list[ShardTask], idle: list, runtime: RuntimeConfig,
+                 on_result: Callable[[ShardResult], None] | None):
+        self.pending = deque(tasks)
+        self.attempts: Counter = Counter()
+        self.inflight: dict[Any, tuple[Any, ShardTask, float]] = {}  # ref -> worker, task, start
+        self.idle = idle
+        self.results: list[ShardResult] = []
+        self.runtime, self.on_result = runtime, on_result
+
+    def dispatch(self) -> None:
+        while self.idle and self.pending:
+            worker, task = self.idle.pop(), self.pending.popleft()
+            self.attempts[task] += 1
+            self.inflight[worker.process.remote(task)] = (worker, task, time.monotonic())
+
+    def settle(self, result: ShardResult) -> None:
+        """Retry a failed shard while attempts are left; else it is a result."""
+        task = result.task
+        if not result.ok and self.attempts[task] < self.runtime.shard_attempts:
+            log.warning("shard %s failed (attempt %d), retrying: %s", task.name, self.attempts[task], result.error)
+            self.pending.append(task)
+            return
+        self._report(result)
+
+    def _report(self, result: ShardResult) -> None:
+        self.results.append(result)
+        if self.on_result:
+            self.on_result(result)
+
+    def overdue(self) -> list:
+        """Tasks in flight for longer than ``runtime.shard_timeout``."""
+        limit = self.runtime.shard_timeout
+        now = time.monotonic()
+        return [] if limit is None else [ref for ref, (_, _, start) in self.inflight.items() if now - start > limit]
+
+    def give_up(self, reason: str) -> None:
+        log.error("%s; %d shards not processed", reason, len(self.pending))
+        while self.pending:
+            task = self.pending.popleft()
+            self._report(ShardResult(task, None, reason, self.attempts[task]))
 
 
 def _report_progress(ray, progress, on_progress) -> None:
