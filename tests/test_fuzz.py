@@ -1,0 +1,132 @@
+"""Fuzzing capfilt's read -> prepare -> judge -> write path with 1,200 mutated shards.
+
+Valid shards are mutated with a fixed seed: bytes flipped in tar headers, member names, json
+and text; members duplicated, reordered, dropped and cut; the tar truncated. Every shard goes
+through ``CapFiltStep.run`` (reader, decode threads, decision, writer), with the two models
+stubbed for this test only. Each shard either completes, with samples in = kept + dropped +
+error in its stats and a parquet row per sample, or fails as a shard for a reason of the
+shard itself (not a readable tar), leaving no file under a final name.
+"""
+
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import image_bytes
+
+from capfilt.config import load_config
+from capfilt.io.fs import OutputDir
+from capfilt.io.reader import ShardReadError
+from capfilt.runtime.shards import ShardTask
+from capfilt.step import CapFiltStep
+
+SHARDS = 1200
+
+
+class StubProcessor:
+    def __call__(self, images, return_tensors):
+        return {"pixel_values": np.zeros((1, 3, 4, 4), np.float32)}
+
+
+class StubStep(CapFiltStep):
+    """The real step with the models replaced: two fixed captions, scores from the text length."""
+
+    def __init__(self, config):
+        import torch
+
+        self.config, self.device, self.dtype = config, "cpu", torch.float32
+        self.processors = {"captioner": StubProcessor()}
+        self.reader_options = config.reader
+        self.captioner = lambda pixels, seed: [["a caption", "another"] for _ in range(len(pixels))]
+        self.filter = lambda pixels, texts: [[(len(t) % 10) / 10 for t in image_texts] for image_texts in texts]
+
+
+def members(rng: random.Random, shard: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(rng.randrange(1, 6)):
+        key = f"{shard:05d}{i:03d}"
+        colour = rng.choice(["red", "green", "blue", "yellow"])
+        out += [(f"{key}.jpg", image_bytes(colour, seed=i)), (f"{key}.txt", f"a {colour} square".encode()),
+                (f"{key}.json", json.dumps({"url": f"http://127.0.0.1/{key}.jpg", "key": key}).encode())]
+    return out
+
+
+def flip(rng: random.Random, data: bytes, count: int) -> bytes:
+    data = bytearray(data)
+    for _ in range(count if data else 0):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    return bytes(data)
+
+
+def mutate_members(rng: random.Random, items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    items = list(items)
+    for _ in range(rng.randrange(1, 4)):
+        op = rng.choice(["duplicate", "reorder", "drop", "name", "json", "text", "cut"])
+        i = rng.randrange(len(items)) if items else 0
+        if not items:
+            break
+        name, data = items[i]
+        if op == "duplicate":
+            items.insert(rng.randrange(len(items) + 1), (name, data))
+        elif op == "reorder":
+            rng.shuffle(items)
+        elif op == "drop":
+            items.pop(i)
+        elif op == "name":  # bytes flipped in the member name, non-UTF-8 included
+            raw = flip(rng, name.encode(), rng.randrange(1, 3))
+            items[i] = (raw.decode("latin-1"), data)  # written back as these bytes
+        elif op in ("json", "text"):
+            j = next((k for k, (n, _) in enumerate(items) if n.endswith("." + op[:4].replace("text", "txt"))), i)
+            items[j] = (items[j][0], flip(rng, items[j][1], rng.randrange(1, 8)))
+        elif op == "cut":
+            items[i] = (name, data[: rng.randrange(len(data) + 1)])
+    return items
+
+
+def tar_bytes(items: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def mutated_shard(rng: random.Random, shard: int) -> bytes:
+    data = tar_bytes(mutate_members(rng, members(rng, shard)))
+    op = rng.choice(["none", "header", "anywhere", "truncate"])
+    if op == "header":  # bytes flipped in a header block
+        block = rng.randrange(max(1, len(data) // 512)) * 512
+        data = data[:block] + flip(rng, data[block:block + 512], rng.randrange(1, 6)) + data[block + 512:]
+    elif op == "anywhere":
+        data = flip(rng, data, rng.randrange(1, 20))
+    elif op == "truncate":
+        data = data[: rng.randrange(len(data))]
+    return data
+
+
+def test_mutated_shards_complete_or_fail_as_shards(tmp_path):
+    step = StubStep(load_config("configs/tiny.yaml", ["runtime.batch_size=3", "filter.threshold=0.5"]))
+    rng = random.Random(20261202)
+    completed = failed = 0
+    for shard in range(SHARDS):
+        path = tmp_path / "in" / f"{shard:05d}.tar"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(mutated_shard(rng, shard))
+        out = tmp_path / "out"
+        task = ShardTask(url=str(path), name=f"{shard:05d}", output=str(out))
+        try:
+            stats = step.run(task)
+        except ShardReadError:  # not a readable tar: the shard's own fault
+            failed += 1
+            assert not any(n.startswith(f"{shard:05d}") for n in OutputDir(str(out)).listdir()), shard
+            continue
+        completed += 1
+        assert stats.samples == stats.kept + stats.dropped + stats.error, shard
+        assert pq.read_metadata(out / f"{shard:05d}.parquet").num_rows == stats.samples, shard
+    assert completed > SHARDS // 2 and failed > 0, (completed, failed)  # the mutations reached both
