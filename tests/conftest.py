@@ -25,6 +25,13 @@ from PIL import Image  # noqa: E402
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
 
+def pytest_configure(config):
+    """setup.cfg's per-test timeout needs pytest-timeout; without it the option is ignored and
+    a hung test hangs CI. Fail instead (make test installs the test extra)."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        raise pytest.UsageError("pytest-timeout is missing: pip install -e '.[test]' (make test does)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def ray_tmpdir(tmp_path_factory):
     """A Ray temp folder of this test run's own, so no stale cluster is ever joined."""

@@ -138,11 +138,14 @@ def test_report_opens_in_headless_chromium_with_every_image_rendered(tmp_path):
             cards: Object.fromEntries(Array.from(document.querySelectorAll('section')).map(
                 s => [s.id, s.querySelectorAll('.card').length])),
             summary: document.querySelector('#summary table').innerText,
+            csp: (document.querySelector("meta[http-equiv='Content-Security-Policy']") || {}).content || null,
         })""")
         browser.screenshot(str(tmp_path / "report.png"))
     found = json.loads(found)
     assert [s[0] for s in found["sections"]] == ["summary", "shards", "errors", "scores",
                                                  "web-kept", "rescued", "dropped", "borderline"]
+    # Nothing may load from anywhere and no script may run: the page is untrusted data.
+    assert found["csp"] == "default-src 'none'; img-src data:; style-src 'unsafe-inline'", found["csp"]
     assert found["images"] and all(i["ok"] for i in found["images"]), found["images"]
     assert found["images"][0]["alt"] == "score histograms" and found["images"][0]["w"] > 500
     # Shard 1's dropped image was only in its (removed) input tar: shown as missing, not broken.
