@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import os
 import tarfile
 import time
 
@@ -559,3 +560,21 @@ def test_object_store_output_creates_no_bucket_and_lists_empty():
     out = OutputDir("memory://capfilt-nonexistent-bucket/out")
     assert out.listdir() == []
     assert not fsspec.filesystem("memory").exists("/capfilt-nonexistent-bucket")
+
+
+def test_memory_per_key_is_bounded_whatever_the_tar_holds_under_it(tmp_path):
+    """1,000 members of 64 KB under one key (64 MB): only the image, text and json are read."""
+    import tracemalloc
+
+
+    junk = os.urandom(64 * 1024)
+    path = write_raw_tar(tmp_path / "s.tar", [("k.jpg", image_bytes("red")), ("k.txt", b"a red square")]
+                         + [(f"k.x{i}", junk) for i in range(1000)])
+    list(read_shard(write_raw_tar(tmp_path / "warm.tar", [("w.jpg", image_bytes("red"))])))  # imports done
+    tracemalloc.start()
+    (sample,) = read_shard(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sample.error is None and sample.web_text == "a red square"
+    assert peak < 8 * 2**20, peak  # a few blocks of tar streaming, not the 64 MB
+    assert len(sample.notes) == 11 and sample.notes[-1] == "more members skipped"

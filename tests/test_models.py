@@ -216,3 +216,24 @@ def test_itm_scores_with_uneven_texts_per_image_equal_per_pair_forward(itm):
                 logits = itm.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                                    pixel_values=pv[i:i + 1]).itm_score
             assert score == pytest.approx(torch.softmax(logits, -1)[0, 1].item(), abs=1e-5)
+
+
+def test_a_huge_web_text_is_cut_before_it_is_tokenized(itm, monkeypatch):
+    """Only what the first max_text_tokens tokens can reach is tokenized, and it scores the same."""
+    from capfilt.models.itm_filter import CHARS_PER_TOKEN
+
+    pv = pixels(itm.image_processor, ("red",))
+    head = "a red square on a plain background " * 3
+    huge = head + "   \n  " * 100_000 + "word " * 1_200_000  # ~6.6 MB
+    seen = []
+    tokenize = itm.tokenizer.__class__.__call__
+
+    def spy(self, texts, *args, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return tokenize(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(itm.tokenizer.__class__, "__call__", spy)
+    scores = itm(pv, [[huge, head + " word word"]])
+    assert max(seen) <= itm.cfg.max_text_tokens * CHARS_PER_TOKEN
+    reference = itm(pv, [[head + " word" * 40]])[0][0]  # the same first 35 tokens
+    assert scores[0][0] == pytest.approx(reference, abs=1e-6)

@@ -108,7 +108,18 @@ def _jsonable(value) -> bool:
     return True
 
 
+MAX_NOTES = 10  # per sample; more are counted, not kept
+
+
+def _note(notes: list[str], note: str) -> None:
+    if len(notes) < MAX_NOTES:
+        notes.append(note)
+    elif len(notes) == MAX_NOTES:
+        notes.append("more members skipped")
+
+
 def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
+    wanted = set(options.image_extensions) | {"txt", "json"}
     seen: set[str] = set()
     group_key: str | None = None
     members: dict[str, bytes] = {}
@@ -116,6 +127,7 @@ def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
         for info in tar:
+            tar.members = []  # stream mode: keep no history of members, read or skipped
             if info.isdir():
                 continue
             key, ext = split_key(info.name)
@@ -123,17 +135,20 @@ def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
                 if group_key is not None:
                     yield _assemble(group_key, members, notes, seen, url, options)
                 group_key, members, notes = key, {}, []
+            # Memory per key is bounded: only the members a sample is made of are read, once each.
             if not info.isreg():
-                notes.append(f"skipped non-regular member {info.name!r}")
+                _note(notes, f"skipped non-regular member {info.name!r}")
+                continue
+            if ext not in wanted:
+                _note(notes, f"skipped member {info.name!r}")
                 continue
             if info.size > options.max_member_bytes:
-                notes.append(f"member {info.name!r} is {info.size} bytes, over the limit")
+                _note(notes, f"member {info.name!r} is {info.size} bytes, over the limit")
                 continue
             if ext in members:
-                notes.append(f"duplicate member {info.name!r}")
+                _note(notes, f"duplicate member {info.name!r}")
                 continue
             members[ext] = tar.extractfile(info).read()
-            tar.members = []  # stream mode: keep no history of members
     except (tarfile.TarError, EOFError) as exc:
         if group_key is None:
             raise ShardReadError(f"{url}: not a readable tar: {exc}") from exc

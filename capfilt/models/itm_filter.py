@@ -10,6 +10,17 @@ the scores equal the per-pair forward's (a test checks to 1e-4).
 from __future__ import annotations
 
 from capfilt.config import FilterConfig
+
+# A token never needs more characters than this: a text is cut here, its whitespace runs
+# collapsed first, before it is tokenized (a 60 MB web text is otherwise tokenized whole, only
+# for all but its first tokens to be thrown away).
+CHARS_PER_TOKEN = 1000
+
+
+def bounded(text: str, max_tokens: int) -> str:
+    """``text`` as far as its first ``max_tokens`` tokens can reach."""
+    limit = max_tokens * CHARS_PER_TOKEN
+    return text if len(text) <= limit else " ".join(text[: 4 * limit].split())[:limit]
 from capfilt.models import shared_kv
 from capfilt.models.loading import load_blip
 
@@ -36,7 +47,7 @@ class ITMFilter:
         with torch.inference_mode():
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
             tokens = self.tokenizer(
-                [t for _, t in pairs], padding="longest", truncation=True,
+                [bounded(t, self.cfg.max_text_tokens) for _, t in pairs], padding="longest", truncation=True,
                 max_length=self.cfg.max_text_tokens, return_tensors="pt",
             ).to(self.device)
             index = torch.tensor([i for i, _ in pairs], device=image_embeds.device)
