@@ -122,6 +122,15 @@ def test_reading_subcommands_exit_0_as_processes(tmp_path):
     assert reshard.returncode == 0 and (tmp_path / "packed" / "00001.tar").exists(), reshard.stderr
 
 
+def test_calibrate_exits_0_as_a_process(tiny_models, tmp_path):
+    from test_inspect_calibrate import labelled_shard
+
+    result = capfilt("calibrate", "--config", "configs/tiny.yaml", "--labelled", labelled_shard(tmp_path / "l.tar"),
+                     f"filter.model={tiny_models[1]}", "--target", "precision", "--value", "0.5")
+    assert result.returncode == 0 and "suggested filter.threshold=" in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- download: the URL list is checked before img2dataset starts ------------------------------------
 
 def test_download_of_a_list_without_the_caption_column_is_one_line(tmp_path):
