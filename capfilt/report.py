@@ -261,12 +261,7 @@ def render_html(data: ReportData) -> str:
               _count_pct(t["web_kept"], t["web_texts"]), _count_pct(t["captions_kept"], t["captions"])]),
         "</table>",
     ]
-    if data.failed:
-        parts += ["<h3 class='dropped'>Failed shards</h3><table>",
-                  _row(["shard", "input", "attempts", "reason"], "th")]
-        parts += [_row([f.get("shard", "?"), f.get("input", ""), f.get("attempts", ""), f.get("error", "")])
-                  for f in data.failed[:100]]
-        parts.append("</table>")
+    parts += _failed_table(data)
     parts.append("</section>")
     parts += _shard_table(data)
     parts += _error_table(data)
@@ -286,6 +281,15 @@ def render_html(data: ReportData) -> str:
         parts.append("</div></section>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _failed_table(data: ReportData, limit: int = 100) -> list[str]:
+    if not data.failed:
+        return []
+    return (["<h3 class='dropped'>Failed shards</h3><table>", _row(["shard", "input", "attempts", "reason"], "th")]
+            + [_row([f.get("shard", "?"), f.get("input", ""), f.get("attempts", ""), f.get("error", "")])
+               for f in data.failed[:limit]]
+            + ["</table>"])
 
 
 def _row(cells, tag="td") -> str:
