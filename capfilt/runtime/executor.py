@@ -8,8 +8,10 @@ returning an object with ``run(task, report, worker)`` and, optionally,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import Counter, deque
@@ -24,6 +26,22 @@ from capfilt.runtime.shards import ShardTask
 log = logging.getLogger(__name__)
 
 StepFactory = Callable[[], Any]
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a moment. After Ctrl-C, Ray's core logs its own
+    teardown straight to fd 2 (``task_manager.cc: Failed to push error to driver`` for the
+    tasks its shutdown ends): noise around the one line the user is owed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class WorkerStartError(RuntimeError):
@@ -157,11 +175,16 @@ class RayExecutor:
             return []
         ray = import_ray(local=self.runtime.ray_address is None)
         started_here = self._init(ray)
+        interrupted = False
         try:
             return self._run(ray, tasks, on_result, on_progress)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             if started_here:
-                ray.shutdown()
+                with _quiet_stderr() if interrupted else contextlib.nullcontext():
+                    ray.shutdown()
 
     def _init(self, ray) -> bool:
         rt = self.runtime
