@@ -23,28 +23,72 @@ def itm(tiny_models):
     return ITMFilter(FilterConfig(model=tiny_models[1]), "cpu", "float32")
 
 
+SHARP_INIT_STD = 0.1  # the tiny filter's is 0.02, and 1e-10 for the vision embeddings
+
+
+@pytest.fixture(scope="module")
+def sharp_filter(tiny_models, tmp_path_factory):
+    """The tiny filter's checkpoint with its weights drawn again, wider, so its scores depend
+    on the image. The tiny filter's move by ~3e-8 between images: a text scored against the
+    wrong image would pass any parity test on it. Tokenizer, preprocessor and shapes are the
+    tiny one's; ``tiny-models`` (the demo, the golden output) is untouched."""
+    import shutil
+
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    folder = tmp_path_factory.mktemp("sharp") / "filter"
+    shutil.copytree(tiny_models[1], folder)
+    config = BlipConfig.from_pretrained(folder)
+    for c in (config, config.text_config, config.vision_config):
+        c.initializer_range = SHARP_INIT_STD
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BlipForImageTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def sharp_itm(sharp_filter):
+    return ITMFilter(FilterConfig(model=sharp_filter), "cpu", "float32")
+
+
+def per_pair_scores(itm, pv, text, **tokenize):
+    """transformers' own forward of ``text`` against each image of ``pv``: one score per image."""
+    tokens = itm.tokenizer(text, return_tensors="pt", **tokenize)
+    n = pv.shape[0]
+    with torch.no_grad():
+        logits = itm.model(input_ids=tokens.input_ids.repeat(n, 1), attention_mask=tokens.attention_mask.repeat(n, 1),
+                           pixel_values=pv, use_itm_head=True).itm_score
+    return torch.softmax(logits, dim=-1)[:, 1]
+
+
+def assert_scores_equal_per_pair(itm, pv, texts, got, tolerance, **tokenize):
+    """Each score equals the per-pair forward against its own image, and differs from the
+    forward against every other image by at least 100 tolerances: a text scored against the
+    wrong image fails here."""
+    assert [len(s) for s in got] == [len(t) for t in texts]
+    gaps = []
+    for i, image_texts in enumerate(texts):
+        for text, score in zip(image_texts, got[i]):
+            reference = per_pair_scores(itm, pv, text, **tokenize)
+            assert score == pytest.approx(reference[i].item(), abs=tolerance), (i, text)
+            gaps.append(min(abs(reference[i] - reference[j]).item() for j in range(len(pv)) if j != i))
+    assert min(gaps) >= 100 * tolerance, f"the scores barely depend on the image: gaps {gaps}"
+
+
 def pixels(processor, colours=("red", "blue", "green")):
     images = [Image.open(io.BytesIO(image_bytes(c, seed=i))).convert("RGB") for i, c in enumerate(colours)]
     return torch.from_numpy(np.stack([processor(images=im, return_tensors="np")["pixel_values"][0]
                                       for im in images]))
 
 
-def test_filter_scores_equal_per_pair_retrieval_forward(itm):
-    pv = pixels(itm.image_processor)
+def test_filter_scores_equal_per_pair_retrieval_forward(sharp_itm):
+    pv = pixels(sharp_itm.image_processor)
     texts = [["a red square", "a blue circle on the left", ""],
              ["blue", "a very long text " * 20],
              ["green triangle", "a green square in the middle of a large picture of the sky"]]
-    scores = itm(pv, texts)
-    assert [len(s) for s in scores] == [len(t) for t in texts]
-    model = itm.model
-    for i, image_texts in enumerate(texts):
-        for text, score in zip(image_texts, scores[i]):
-            tokens = itm.tokenizer(text, truncation=True, max_length=35, return_tensors="pt")
-            with torch.no_grad():
-                logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                               pixel_values=pv[i:i + 1], use_itm_head=True).itm_score
-            reference = torch.softmax(logits, dim=-1)[0, 1].item()
-            assert score == pytest.approx(reference, abs=1e-4)
+    scores = sharp_itm(pv, texts)
+    assert_scores_equal_per_pair(sharp_itm, pv, texts, scores, 1e-4, truncation=True, max_length=35)
 
 
 def test_filter_scores_differ_between_images_and_texts(itm):
@@ -139,14 +183,21 @@ def test_captions_are_reproducible_for_a_seed(captioner):
     assert captioner(pv, seed=7) != captioner(pv, seed=8)
 
 
-def test_bfloat16_on_cpu_scores_close_to_float32(tiny_models, itm):
-    bf16 = ITMFilter(FilterConfig(model=tiny_models[1]), "cpu", "bfloat16")
-    pv = pixels(itm.image_processor)
+def test_bfloat16_on_cpu_scores_close_to_float32(sharp_filter, sharp_itm):
+    """bfloat16 scores are within a tolerance well under what a wrong image moves them by."""
+    tolerance = 0.015  # measured bf16 error: 0.0045
+    bf16 = ITMFilter(FilterConfig(model=sharp_filter), "cpu", "bfloat16")
+    pv = pixels(sharp_itm.image_processor)
     texts = [["a red square", "blue"]] * 3
-    exact = itm(pv, texts)
-    approx = bf16(pv.to(torch.bfloat16), texts)
-    for row_exact, row_approx in zip(exact, approx):
-        assert row_approx == pytest.approx(row_exact, abs=0.02)
+    exact = torch.tensor(sharp_itm(pv, texts))
+    approx = torch.tensor(bf16(pv.to(torch.bfloat16), texts))
+    # The test's power: its tolerance is under a tenth of the scores' spread between images,
+    # and under half the smallest gap between two images' scores of a text.
+    spread = (exact.max(0).values - exact.min(0).values).min().item()
+    gap = min((exact[i] - exact[j]).abs().min().item() for i in range(3) for j in range(i))
+    assert tolerance < spread / 10 and tolerance < gap / 2, (spread, gap)
+    for row_exact, row_approx in zip(exact.tolist(), approx.tolist()):
+        assert row_approx == pytest.approx(row_exact, abs=tolerance)
 
 
 def test_float16_on_cpu_is_refused(tiny_models):
@@ -201,21 +252,13 @@ def test_cross_attention_projects_each_image_once(captioner, itm, monkeypatch):
     assert seen and set(seen) == {3}  # 3 images, 12 samples, every decoding step
 
 
-def test_itm_scores_with_uneven_texts_per_image_equal_per_pair_forward(itm):
+def test_itm_scores_with_uneven_texts_per_image_equal_per_pair_forward(sharp_itm):
     """Images with different numbers of texts (zero-padded side by side) score as pairs do."""
-    import torch
-
-    pv = pixels(itm.image_processor)
+    pv = pixels(sharp_itm.image_processor)
     texts = [["a red square", "blue"], [], ["green circle on a plain background", "x", "a b c"]]
-    got = itm(pv, texts)
+    got = sharp_itm(pv, texts)
     assert [len(t) for t in got] == [2, 0, 3]
-    for i, image_texts in enumerate(texts):
-        for text, score in zip(image_texts, got[i]):
-            tokens = itm.tokenizer(text, return_tensors="pt")
-            with torch.no_grad():
-                logits = itm.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                                   pixel_values=pv[i:i + 1]).itm_score
-            assert score == pytest.approx(torch.softmax(logits, -1)[0, 1].item(), abs=1e-5)
+    assert_scores_equal_per_pair(sharp_itm, pv, texts, got, 1e-5)
 
 
 def test_a_huge_web_text_is_cut_before_it_is_tokenized(itm, monkeypatch):
