@@ -86,6 +86,12 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
+def location(url: str) -> str:
+    """A canonical spelling of a local path (resolved) or an object-store URL, to compare folders."""
+    fs, path = url_to_fs(url)
+    return os.path.realpath(path) if _is_local(fs) else fs.unstrip_protocol(path.rstrip("/"))
+
+
 def shard_name(url: str) -> str:
     """``s3://b/x/00012.tar`` -> ``00012``; the output names derive from it. A URL's query
     and fragment (a signed URL's credentials) are not part of it."""
