@@ -190,9 +190,14 @@ class OutputDir:
     def __init__(self, url: str):
         self.url = url.rstrip("/") or "/"
         self.fs, self.root = url_to_fs(self.url)
-        if _is_local(self.fs):
+        self.local = _is_local(self.fs)
+        if self.local:
             self.fs.makedirs(self.root, exist_ok=True)
         # Object stores have no folders; makedirs would even create a mistyped bucket.
+
+    def local_path(self) -> str | None:
+        """The folder's path when it is on this machine's filesystem, else None."""
+        return self.root if self.local else None
 
     def path(self, name: str) -> str:
         if "/" in name or name in ("", ".", ".."):
@@ -234,6 +239,7 @@ class OutputDir:
             yield staging
             for tmp, final in staging.files:
                 self._rename(tmp, final)
+            self._sync_folder()
         except BaseException:
             for tmp, _ in staging.files:
                 with contextlib.suppress(Exception):
@@ -258,10 +264,21 @@ class OutputDir:
                 self._rename(tmp, self.path(name))
 
     def _rename(self, src: str, dst: str) -> None:
-        if _is_local(self.fs):
+        if self.local:
             os.replace(src, dst)  # atomic on POSIX
         else:
             self.fs.mv(src, dst)
+
+    def _sync_folder(self) -> None:
+        """Make renames into a local folder durable: after a power cut, a file under its final
+        name has its content (each was fsynced before its rename) and the name itself survives.
+        An object store makes a write durable before it answers."""
+        if self.local:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -293,3 +310,6 @@ class Staging:
         self.files.append((tmp, final))
         with self.out.fs.open(tmp, "wb") as f:
             yield f
+            if self.out.local:  # its content on disk before its name can be
+                f.flush()
+                os.fsync(f.fileno())

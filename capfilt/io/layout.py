@@ -4,7 +4,8 @@ Per shard ``NAME``: ``NAME.tar`` (the kept samples), ``NAME.parquet`` (a row per
 sample) and, renamed into place last, ``NAME_stats.json``, the done marker. Per run:
 ``run.json`` (config, fingerprint, versions), ``stats.json`` (totals) and ``sizes.json``
 (samples per tar, webdataset's and open_clip's convention). ``capfilt reshard`` adds
-``reshard_plan.json``. While a file is written it has a hidden temporary name.
+``reshard_plan.json``. While a file is written it has a hidden temporary name; while a run
+writes the folder, it holds the hidden ``.capfilt.lock``.
 
 img2dataset writes a ``NAME_stats.json`` of its own beside each tar it downloads, under the
 same name as capfilt's done marker; ``stats_beside`` finds it for an input shard.
@@ -19,6 +20,8 @@ RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
 SIZES_FILE = "sizes.json"
 RESHARD_PLAN_FILE = "reshard_plan.json"
+# Held by the run writing the folder (capfilt/io/lock.py); hidden, so no reader takes it for data.
+LOCK_FILE = ".capfilt.lock"
 
 STATS_SUFFIX = "_stats.json"
 PARQUET_SUFFIX = ".parquet"
