@@ -1,12 +1,16 @@
 """One sample can only cost itself (issue 13): a fault while one sample is decoded, judged or
 written becomes its error row and the shard completes; a fault of every sample is the shard's."""
 
+import tarfile
+import time
+
 import pyarrow.parquet as pq
 import pytest
 from conftest import image_bytes, write_shard
 
-from capfilt.config import load_config
+from capfilt.config import ReaderConfig, load_config
 from capfilt.io.fs import OutputDir
+from capfilt.io.reader import MAX_HEADER_BYTES, read_shard
 from capfilt.io.writer import ShardWriter
 from capfilt.runtime.shards import plan_shards
 from capfilt.sample import KEPT, Sample
@@ -95,3 +99,97 @@ def test_a_sample_the_output_cannot_encode_is_its_own_error_row(tmp_path):
         assert got[key]["status"] == "error" and f"{key}: cannot be written: {reason}" in got[key]["error"]
         assert got[key]["tar_bytes"] is None
     assert writer.stats.tar_samples == 1 and writer.stats.error == 2
+
+
+# --- The headers before a member ---------------------------------------------------------------
+
+
+def header(name: str, kind: bytes, payload: bytes) -> bytes:
+    """One tar header block and its payload, padded to whole blocks; ``kind`` as tarfile names types."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(payload)
+    return info.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % tarfile.BLOCKSIZE)
+
+
+def pax(**records: bytes) -> bytes:
+    """PAX records, each ``"LENGTH KEYWORD=VALUE\\n"`` with LENGTH counting itself."""
+    out = b""
+    for keyword, value in records.items():
+        body = b" " + keyword.replace("_", ".").encode() + b"=" + value + b"\n"
+        length = len(body) + len(str(len(body)))
+        length += len(str(length)) - len(str(len(body)))
+        out += str(length).encode() + body
+    return out
+
+
+def sample_members(key: str) -> bytes:
+    return header(f"{key}.jpg", tarfile.REGTYPE, image_bytes("red")) + \
+        header(f"{key}.txt", tarfile.REGTYPE, key.encode())
+
+
+def read_tar(tmp_path, *parts: bytes, end: bytes = bytes(2 * tarfile.BLOCKSIZE), **options):
+    path = tmp_path / "00000.tar"
+    path.write_bytes(b"".join(parts) + end)
+    return {s.key: s.error for s in read_shard(str(path), ReaderConfig(**options))}
+
+
+def huge_global_headers() -> bytes:
+    half = b"x" * (MAX_HEADER_BYTES // 2 + 1)  # each fits; together they pass the limit
+    return header("g1", tarfile.XGLTYPE, pax(comment_a=half)) + header("g2", tarfile.XGLTYPE, pax(comment_b=half))
+
+
+def sparse_member() -> bytes:
+    info = tarfile.TarInfo("b.jpg")
+    info.type = tarfile.GNUTYPE_SPARSE
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+HOSTILE_HEADERS = {  # before b's image: (headers, what b's error says)
+    "huge_pax": (header("pax", tarfile.XHDTYPE, pax(comment=b"x" * MAX_HEADER_BYTES)), "PAX header of"),
+    "huge_long_name": (header("././@LongLink", tarfile.GNUTYPE_LONGNAME, b"n" * MAX_HEADER_BYTES + b".jpg"),
+                       "GNU long name of"),
+    # tarfile recurses once per header: a thousand raise RecursionError, which no except clause expects
+    "pax_chain": (header("pax", tarfile.XHDTYPE, pax(comment=b"")) * 2000, "more than 8 extension headers"),
+    "malformed_pax": (header("pax", tarfile.XHDTYPE, b"99 path=x\n"), "malformed PAX header"),
+    "global_headers_adding_up": (huge_global_headers(), "PAX header of"),
+    "pax_sparse": (header("pax", tarfile.XHDTYPE, pax(GNU_sparse_major=b"1", GNU_sparse_minor=b"0")),
+                   "sparse member"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_HEADERS))
+def test_a_hostile_header_costs_only_the_sample_of_its_member(tmp_path, kind):
+    headers, reason = HOSTILE_HEADERS[kind]
+    errors = read_tar(tmp_path, sample_members("a"), headers, sample_members("b"), sample_members("c"))
+    assert errors["a"] is None and errors["c"] is None
+    assert f"00000.tar: sample 'b': member 'b.jpg': {reason}" in errors["b"]
+
+
+def test_a_gnu_sparse_member_costs_only_its_sample(tmp_path):
+    # tarfile keeps a sparse member's whole map; a webdataset sample is never sparse
+    errors = read_tar(tmp_path, sample_members("a"), sparse_member(), sample_members("c"))
+    assert errors == {"a": None, "b": errors["b"], "c": None} and "sparse member" in errors["b"]
+
+
+def test_the_header_limit_is_no_more_than_a_member_may_hold(tmp_path):
+    name = header("pax", tarfile.XHDTYPE, pax(path=b"b" * 3000 + b".jpg"))
+    errors = read_tar(tmp_path, sample_members("a"), name, sample_members("b"), max_member_bytes=2000)
+    assert errors["a"] is None and "PAX header of 3015 bytes, over the limit of 2000" in errors["b"]
+    # A long name within the limit is the member's name, as tarfile reads it.
+    assert read_tar(tmp_path, name, sample_members("b"))["b" * 3000] is None
+
+
+def test_a_pax_header_is_parsed_in_linear_time(tmp_path):
+    # Python < 3.11.10's regexes take ~50 s on 200,000 digits (CVE-2024-6232); one pass takes ms.
+    digits = header("pax", tarfile.XHDTYPE, pax(comment=b"7" * 200_000))
+    start = time.monotonic()
+    errors = read_tar(tmp_path, sample_members("a"), digits, sample_members("b"))
+    assert errors == {"a": None, "b": None} and time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("cut", [100_000, None], ids=["inside", "after"])
+def test_a_tar_cut_in_or_after_a_skipped_header_is_truncated(tmp_path, cut):
+    # Cut after the payload, the member the header describes is missing: not the end of the tar.
+    skipped = header("pax", tarfile.XHDTYPE, pax(comment=b"x" * 2 * MAX_HEADER_BYTES))[:cut]
+    errors = read_tar(tmp_path, sample_members("a"), sample_members("b"), skipped, end=b"")
+    assert errors["a"] is None and "tar truncated or corrupt" in errors["b"]

@@ -3,15 +3,18 @@
 The tar is read in stream mode (``r|*``), so memory holds one sample, never the
 whole shard; gzip-compressed shards are read the same way. Member data is only
 ever read into memory: nothing is extracted to disk, and nothing is unpickled.
+The headers before a member are read within bounds too (``BoundedTarInfo``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from capfilt.config import ReaderConfig
 from capfilt.io.fs import open_read, read_parquet, shard_name
@@ -111,57 +114,71 @@ def _jsonable(value) -> bool:
 MAX_NOTES = 10  # per sample; more are counted, not kept
 
 
-def _note(notes: list[str], note: str) -> None:
-    if len(notes) < MAX_NOTES:
-        notes.append(note)
-    elif len(notes) == MAX_NOTES:
-        notes.append("more members skipped")
+@dataclass(slots=True)
+class _Group:
+    """The members of one key read so far, and what was noted or went wrong on the way."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fault: str | None = None  # a member that could not be read: the sample is an error
+
+    def note(self, note: str) -> None:
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(note)
+        elif len(self.notes) == MAX_NOTES:
+            self.notes.append("more members skipped")
 
 
 def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
-    wanted = set(options.image_extensions) | {"txt", "json"}
     seen: set[str] = set()
-    group_key: str | None = None
-    members: dict[str, bytes] = {}
-    notes: list[str] = []
+    group: _Group | None = None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_tarinfo_class(header_limit(options)))
         for info in tar:
             tar.members = []  # stream mode: keep no history of members, read or skipped
             if info.isdir():
                 continue
             key, ext = split_key(info.name)
-            if key != group_key:
-                if group_key is not None:
-                    yield _assemble(group_key, members, notes, seen, url, options)
-                group_key, members, notes = key, {}, []
+            if group is None or key != group.key:
+                if group is not None:
+                    yield _assemble(group, seen, url, options)
+                group = _Group(key)
             # Memory per key is bounded: only the members a sample is made of are read, once each.
-            if not info.isreg():
-                _note(notes, f"skipped non-regular member {info.name!r}")
+            if info.fault:
+                group.fault = group.fault or f"member {info.name!r}: {info.fault}"
                 continue
-            if ext not in wanted:
-                _note(notes, f"skipped member {info.name!r}")
+            skipped = _why_skipped(info, ext, group, options)
+            if skipped:
+                group.note(skipped)
                 continue
-            if info.size > options.max_member_bytes:
-                _note(notes, f"member {info.name!r} is {info.size} bytes, over the limit")
-                continue
-            if ext in members:
-                _note(notes, f"duplicate member {info.name!r}")
-                continue
-            members[ext] = tar.extractfile(info).read()
+            group.members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, EOFError) as exc:
-        if group_key is None:
+        if group is None:
             raise ShardReadError(f"{url}: not a readable tar: {exc}") from exc
-        cut = group_key
+        cut = group.key
         log.warning("%s: tar is truncated or corrupt after key %r: %s", url, cut, exc)
         yield Sample(key=cut, source=url).fail(f"tar truncated or corrupt in {url} at key {cut!r}: {exc}")
         return
-    if group_key is not None:
-        yield _assemble(group_key, members, notes, seen, url, options)
+    if group is not None:
+        yield _assemble(group, seen, url, options)
 
 
-def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[str],
-              url: str, options: ReaderConfig) -> Sample:
+def _why_skipped(info: tarfile.TarInfo, ext: str, group: _Group, options: ReaderConfig) -> str | None:
+    """Why a member is not read into memory, or None for a member the sample is made of."""
+    if not info.isreg():
+        return f"skipped non-regular member {info.name!r}"
+    if ext not in options.image_extensions and ext not in ("txt", "json"):
+        return f"skipped member {info.name!r}"
+    if info.size > options.max_member_bytes:
+        return f"member {info.name!r} is {info.size} bytes, over the limit"
+    if ext in group.members:
+        return f"duplicate member {info.name!r}"
+    return None
+
+
+def _assemble(group: _Group, seen: set[str], url: str, options: ReaderConfig) -> Sample:
+    key, members, notes = group.key, group.members, group.notes
     sample = Sample(key=key, source=url)
     reason = unsafe_name(key)
     if reason:
@@ -170,6 +187,8 @@ def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[s
     if key in seen:
         return sample.fail(f"{url}: duplicate key {key!r} (its members are not adjacent or repeat)")
     seen.add(key)
+    if group.fault:
+        return sample.fail(f"{url}: sample {key!r}: {group.fault}")
     if "txt" in members:
         sample.web_text = members["txt"].decode("utf-8", errors="replace")
     if "json" in members:
@@ -188,3 +207,184 @@ def _assemble(key: str, members: dict[str, bytes], notes: list[str], seen: set[s
         sample.notes = notes
         log.info("%s: %s: %s", url, key, "; ".join(notes))
     return sample
+
+
+# --- The headers before a member, read within bounds -----------------------------------------
+
+# The most one member's extension headers (PAX records, GNU long name and long link) may hold
+# together. Real ones hold a name, a link and a few attributes: well under 64 KiB.
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADER_CHAIN = 8  # extension headers before one member; GNU tar and tarfile write at most 3
+_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                    tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+def header_limit(options: ReaderConfig) -> int:
+    """The bound on one member's extension headers: no header may hold more than a member may."""
+    return min(MAX_HEADER_BYTES, options.max_member_bytes)
+
+
+@functools.cache
+def _tarinfo_class(limit: int) -> type[BoundedTarInfo]:
+    return type("BoundedTarInfo", (BoundedTarInfo,), {"header_limit": limit})
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """``tarfile``'s member header, with the extension headers before a member read within bounds.
+
+    Hand-written, because no library does it: Python's ``tarfile`` (which webdataset reads
+    through too) reads a PAX header's or a GNU long name's payload whole, whatever size its
+    header states; it recurses once per extension header, so a chain of a thousand of them
+    raises ``RecursionError``; it keeps every GNU sparse map, however long; and before
+    Python 3.11.10 and 3.12.6 its PAX regexes are quadratic (CVE-2024-6232: a PAX header of
+    1 MiB parses for minutes). Here:
+
+    - an extension header over ``header_limit`` (or past ``MAX_HEADER_CHAIN`` of them) is skipped
+      block by block, with the rest of its chain, and the member after it gets a ``fault``;
+    - PAX records are parsed in one linear pass; a malformed record is the member's fault;
+    - a sparse member (GNU ``S`` or PAX ``GNU.sparse.*``) is a fault, its map skipped unread:
+      a webdataset sample is never sparse.
+
+    A member with a fault is not read, and the reader makes its sample an error. Its payload's
+    extent is known from the header, so the members after it are read as usual. Only a tar
+    that ends inside a skipped payload is cut short, like any truncated tar.
+    """
+
+    header_limit = MAX_HEADER_BYTES
+    fault: str | None = None  # why the member cannot be read
+    chain_headers = 0  # extension headers before this one, for the same member
+    chain_bytes = 0  # and the bytes of their payloads
+
+    def _over_limit(self, kind: str, held: int = 0) -> str | None:
+        if self.chain_headers >= MAX_HEADER_CHAIN:
+            return f"more than {MAX_HEADER_CHAIN} extension headers before one member"
+        if self.chain_bytes + held + self.size > self.header_limit:
+            return f"{kind} of {self.size} bytes, over the limit of {self.header_limit}"
+        return None
+
+    def _read_header(self, archive) -> BoundedTarInfo:
+        """The header block after this extension header's payload, not processed yet."""
+        block = archive.fileobj.read(tarfile.BLOCKSIZE)
+        try:
+            header = self.frombuf(block, archive.encoding, archive.errors)
+        except tarfile.HeaderError as exc:
+            raise tarfile.SubsequentHeaderError(str(exc)) from None
+        header.offset = archive.fileobj.tell() - tarfile.BLOCKSIZE
+        header.chain_headers = self.chain_headers + 1
+        header.chain_bytes = self.chain_bytes + self.size
+        return header
+
+    def _skip_to_member(self, archive, fault: str) -> BoundedTarInfo:
+        header = self
+        while header.type in _EXTENSION_TYPES:
+            _discard(archive.fileobj, header._block(header.size))
+            header = header._read_header(archive)
+        member = header._proc_member(archive)
+        member.fault = fault
+        return member
+
+    def _proc_gnulong(self, archive):
+        fault = self._over_limit("GNU long name")
+        if fault:
+            return self._skip_to_member(archive, fault)
+        name = tarfile.nts(_read_exactly(archive.fileobj, self._block(self.size)),
+                           archive.encoding, archive.errors)
+        member = self._read_header(archive)._proc_member(archive)
+        member.offset = self.offset
+        if self.type == tarfile.GNUTYPE_LONGLINK:
+            member.linkname = name
+        else:
+            member.name = name.removesuffix("/") if member.isdir() else name
+        return member
+
+    def _proc_pax(self, archive):
+        is_global = self.type == tarfile.XGLTYPE
+        fault = self._over_limit("PAX header", _pax_bytes(archive.pax_headers) if is_global else 0)
+        if fault:
+            return self._skip_to_member(archive, fault)
+        payload = _read_exactly(archive.fileobj, self._block(self.size))[: self.size]
+        pax_headers = archive.pax_headers if is_global else archive.pax_headers.copy()
+        records = _pax_records(payload)
+        if records is None:
+            fault = "malformed PAX header"
+        else:
+            self._decode_pax(records, pax_headers, archive)
+        sparse = [k for k in pax_headers if k.startswith("GNU.sparse.")]
+        if sparse:  # its map and sizes are not applied; it is named by its own name
+            fault, name = "sparse member", pax_headers.get("GNU.sparse.name")
+            for k in sparse:
+                del pax_headers[k]
+            if name is not None and not is_global:
+                pax_headers["path"] = name
+        member = self._read_header(archive)._proc_member(archive)
+        if not is_global:
+            self._apply_to(member, pax_headers, archive)
+        member.fault = member.fault or fault
+        return member
+
+    def _decode_pax(self, records: list[tuple[bytes, bytes]], pax_headers: dict, archive) -> None:
+        """Into ``pax_headers``, as tarfile decodes them (names in the archive's encoding if BINARY)."""
+        for keyword, value in records:
+            if keyword == b"hdrcharset":
+                pax_headers["hdrcharset"] = self._decode_pax_field(value, "utf-8", "utf-8", archive.errors)
+        names = archive.encoding if pax_headers.get("hdrcharset") == "BINARY" else "utf-8"
+        for keyword, value in records:
+            keyword = self._decode_pax_field(keyword, "utf-8", "utf-8", archive.errors)
+            if keyword in tarfile.PAX_NAME_FIELDS:
+                value = self._decode_pax_field(value, names, archive.encoding, archive.errors)
+            else:
+                value = self._decode_pax_field(value, "utf-8", "utf-8", archive.errors)
+            pax_headers[keyword] = value
+
+    def _apply_to(self, member: BoundedTarInfo, pax_headers: dict, archive) -> None:
+        member._apply_pax_info(pax_headers, archive.encoding, archive.errors)
+        member.offset = self.offset
+        if "size" in pax_headers:  # the member's data ends elsewhere than its header said
+            end = member.offset_data
+            if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES:
+                end += member._block(member.size)
+            archive.offset = end
+
+    def _proc_sparse(self, archive):
+        _, extended, _ = self._sparse_structs
+        del self._sparse_structs
+        while extended:  # skip the map's extension blocks, keeping none of them
+            extended = bool(_read_exactly(archive.fileobj, tarfile.BLOCKSIZE)[504])
+        self.offset_data = archive.fileobj.tell()
+        archive.offset = self.offset_data + self._block(self.size)
+        self.fault = "sparse member"
+        return self
+
+
+def _pax_records(payload: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The ``(keyword, value)`` of each ``"LENGTH KEYWORD=VALUE\\n"`` record, in one pass; None
+    if one is malformed. Stops at NUL padding, as tarfile does."""
+    records, pos = [], 0
+    while pos < len(payload) and payload[pos] != 0:
+        space = payload.find(b" ", pos, pos + 20)
+        if space < 0 or not payload[pos:space].isdigit():
+            return None
+        end = pos + int(payload[pos:space])
+        equals = payload.find(b"=", space + 1, end)
+        if equals < 0 or end > len(payload) or payload[end - 1] != 0x0A:
+            return None
+        records.append((payload[space + 1:equals], payload[equals + 1:end - 1]))
+        pos = end
+    return records
+
+
+def _pax_bytes(pax_headers: dict[str, str]) -> int:
+    return sum(len(k) + len(v) for k, v in pax_headers.items())
+
+
+def _read_exactly(fileobj, size: int) -> bytes:
+    data = fileobj.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def _discard(fileobj, size: int, chunk: int = 1 << 16) -> None:
+    while size > 0:
+        _read_exactly(fileobj, min(chunk, size))
+        size -= chunk
