@@ -193,3 +193,43 @@ def test_a_tar_cut_in_or_after_a_skipped_header_is_truncated(tmp_path, cut):
     skipped = header("pax", tarfile.XHDTYPE, pax(comment=b"x" * 2 * MAX_HEADER_BYTES))[:cut]
     errors = read_tar(tmp_path, sample_members("a"), sample_members("b"), skipped, end=b"")
     assert errors["a"] is None and "tar truncated or corrupt" in errors["b"]
+
+
+# --- The sidecar parquet -----------------------------------------------------------------------
+
+
+def sidecar_shard(tmp_path, sidecar: dict, keys=("k1", "k3"), row_group_size: int = 100) -> str:
+    """A tar of ``keys`` and its img2dataset sidecar, ``NAME.parquet``, of ``sidecar``'s columns."""
+    import pyarrow as pa
+
+    pq.write_table(pa.table(sidecar), tmp_path / "00000.parquet", row_group_size=row_group_size)
+    return write_shard(tmp_path / "00000.tar", [{"key": k, "jpg": image_bytes("red")} for k in keys])
+
+
+def test_a_sidecar_larger_than_its_window_still_fills_in_the_tar_keys(tmp_path, monkeypatch):
+    import capfilt.io.reader as reader
+
+    monkeypatch.setattr(reader, "SIDECAR_BYTES", 64 * 1024)
+    rows = 20_000  # in the tar's order, failed downloads between, as img2dataset writes them
+    keys = [f"k{i}" for i in range(0, rows, 997)]
+    path = sidecar_shard(tmp_path, {"key": [f"k{i}" for i in range(rows)],
+                                    "url": [f"http://x/{i}" for i in range(rows)]}, keys)
+    got = {s.key: s.meta.get("url") for s in read_shard(path)}
+    assert got == {k: f"http://x/{k[1:]}" for k in keys}
+
+
+def test_a_sidecar_column_too_large_to_hold_is_left_out(tmp_path, monkeypatch):
+    import capfilt.io.reader as reader
+
+    monkeypatch.setattr(reader, "SIDECAR_BYTES", 64 * 1024)
+    path = sidecar_shard(tmp_path, {"key": ["k1", "k2", "k3"], "url": ["u1", "u2", "u3"],
+                                    "junk": ["x" * 100_000] * 3})
+    assert [s.meta for s in read_shard(path)] == [{"url": "u1"}, {"url": "u3"}]
+
+
+def test_a_sidecar_value_python_cannot_hold_costs_only_itself(tmp_path):
+    import pyarrow as pa
+
+    path = sidecar_shard(tmp_path, {"key": ["k1", "k3"], "url": ["u1", "u3"],
+                                    "when": pa.array([1, 2**62], pa.timestamp("us"))})  # year 146,000
+    assert [s.meta for s in read_shard(path)] == [{"url": "u1"}, {"url": "u3"}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -17,7 +18,9 @@ from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
 from capfilt.io.layout import is_temporary, temporary_name
+from capfilt.redaction import redact_text
 
+log = logging.getLogger(__name__)
 
 _CONFIGURED: set[str] = set()
 
@@ -124,6 +127,59 @@ def read_parquet(url: str, columns: list[str] | None = None):
 
     fs, path = url_to_fs(url)
     return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def iter_parquet_batches(url: str, batch_size: int = 1024,
+                         max_row_group_bytes: int | None = None) -> Iterator[Any]:
+    """The parquet file at ``url`` as pyarrow RecordBatches, one row group at a time: never whole.
+
+    With ``max_row_group_bytes``, a row group's columns are read smallest first while their
+    sizes (uncompressed, as the file's metadata states them) add up to no more; the others are
+    left out of that row group's batches, so one huge column cannot fill memory. Opened through
+    the filesystem, as ``read_parquet`` does, and closed when the iteration ends.
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(url)
+    with pq.ParquetFile(path, filesystem=fs, pre_buffer=False) as parquet:
+        fields = parquet.schema_arrow
+        for index in range(parquet.metadata.num_row_groups):
+            columns = None
+            if max_row_group_bytes is not None:
+                columns = _columns_within(fields, parquet.metadata.row_group(index), max_row_group_bytes)
+                if len(columns) < len(fields):
+                    log.warning("%s: row group %d: %d columns left out, over %d bytes together",
+                                redact_text(url), index, len(fields) - len(columns), max_row_group_bytes)
+            yield from parquet.iter_batches(batch_size, row_groups=[index], columns=columns)
+
+
+def _columns_within(fields, row_group, budget: int) -> list[str]:
+    """The top-level columns of ``row_group`` to read, in file order, smallest first within ``budget``."""
+    sizes, leaf = [], 0
+    for field in fields:  # a nested column is stored as its leaves, in order
+        leaves = _leaf_count(field.type)
+        sizes.append(sum(row_group.column(i).total_uncompressed_size for i in range(leaf, leaf + leaves)))
+        leaf += leaves
+    chosen: set[int] = set()
+    for i in sorted(range(len(sizes)), key=sizes.__getitem__):
+        if sizes[i] > budget:
+            break
+        budget -= sizes[i]
+        chosen.add(i)
+    return [fields[i].name for i in sorted(chosen)]
+
+
+def _leaf_count(arrow_type) -> int:
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        return sum(_leaf_count(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+    if pa.types.is_map(arrow_type):
+        return _leaf_count(arrow_type.key_type) + _leaf_count(arrow_type.item_type)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or \
+            pa.types.is_fixed_size_list(arrow_type):
+        return _leaf_count(arrow_type.value_type)
+    return 1
 
 
 def read_parquet_schema(url: str):

@@ -8,16 +8,18 @@ The headers before a member are read within bounds too (``BoundedTarInfo``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import posixpath
 import tarfile
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from capfilt.config import ReaderConfig
-from capfilt.io.fs import open_read, read_parquet, shard_name
+from capfilt.io.fs import iter_parquet_batches, open_read, shard_name
 from capfilt.io.layout import parquet_name
 from capfilt.redaction import redact_text
 from capfilt.sample import Sample
@@ -76,30 +78,94 @@ def read_shard(url: str, options: ReaderConfig | None = None) -> Iterator[Sample
     samples before it and one error sample for the cut-off key.
     """
     options = options or ReaderConfig()
-    extra = sidecar_metadata(url)
-    with open_read(url) as stream:
+    with open_read(url) as stream, contextlib.closing(Sidecar(url)) as sidecar:
         # Samples and messages name the shard without the credentials its URL may hold.
         for sample in _read_stream(stream, redact_text(url), options):
-            for field_name, value in extra.get(sample.key, {}).items():
+            for field_name, value in sidecar.fields(sample.key).items():
                 sample.meta.setdefault(field_name, value)
             yield sample
 
 
-def sidecar_metadata(url: str) -> dict[str, dict]:
-    """Rows of the ``NAME.parquet`` img2dataset writes beside ``NAME.tar``, by key.
+# Sidecar rows held at once, as Arrow holds them, with their index entries.
+SIDECAR_BYTES = 32 * 1024 * 1024
+_INDEX_BYTES_PER_ROW = 200  # a key's entry in Sidecar._index, roughly
+
+
+class Sidecar:
+    """The rows of the ``NAME.parquet`` img2dataset writes beside ``NAME.tar``, by key.
 
     They fill in fields a sample's json lacks. Absent or unreadable: no extra fields.
+
+    The file is read a record batch at a time, as the tar's keys ask for rows, never whole:
+    img2dataset writes its rows in the order of the tar's samples (with the rows of failed
+    downloads between them). Rows read are held up to ``SIDECAR_BYTES`` (and one batch), the
+    oldest let go past it; a sidecar within that is held whole, as a plain read would. A row group's columns
+    over ``SIDECAR_BYTES`` together are left out (``iter_parquet_batches``). So a sidecar of
+    millions of rows or of huge junk columns costs bounded memory; what it costs is the fields
+    of a key whose row was let go before the tar asked for it.
     """
-    path = posixpath.join(posixpath.dirname(url), parquet_name(shard_name(url)))
-    try:
-        rows = read_parquet(path).to_pylist()
-    except FileNotFoundError:
-        return {}
-    except Exception as exc:  # a broken sidecar must not cost the shard
-        log.warning("%s: ignoring unreadable metadata parquet: %s", path, exc)
-        return {}
-    return {row["key"]: {k: v for k, v in row.items() if v is not None and k != "key" and _jsonable(v)}
-            for row in rows if isinstance(row.get("key"), str)}
+
+    def __init__(self, url: str):
+        self.path = posixpath.join(posixpath.dirname(url), parquet_name(shard_name(url)))
+        self._batches: Iterator | None = None
+        self._index: dict[str, tuple[int, object, int]] = {}  # key -> (batch number, batch, row)
+        self._held: deque[tuple[int, list[str], int]] = deque()  # (batch number, keys, bytes)
+        self._held_bytes = self._read = 0
+        self._full = self._ended = False
+
+    def fields(self, key: str) -> dict:
+        while not self._ended and (key not in self._index or not self._full):
+            self._read_batch()
+        found = self._index.get(key)
+        if found is None:
+            return {}
+        _, batch, row = found
+        fields = {}
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                value = column[row].as_py()
+            except Exception:  # a value Python cannot hold (a date out of its range): left out
+                continue
+            if value is not None and name != "key" and _jsonable(value):
+                fields[name] = value
+        return fields
+
+    def _read_batch(self) -> None:
+        try:
+            if self._batches is None:
+                self._batches = iter_parquet_batches(self.path, max_row_group_bytes=SIDECAR_BYTES)
+            self._hold(next(self._batches))
+        except (StopIteration, FileNotFoundError):
+            self._ended = True
+        except Exception as exc:  # a broken sidecar must not cost the shard
+            log.warning("%s: ignoring the rest of an unreadable metadata parquet: %s",
+                        redact_text(self.path), exc)
+            self._ended = True
+
+    def _hold(self, batch) -> None:
+        number, self._read = self._read, self._read + 1
+        keys = []
+        for row, key in enumerate(batch.column("key").to_pylist() if "key" in batch.schema.names else []):
+            if isinstance(key, str):
+                self._index[key] = (number, batch, row)
+                keys.append(key)
+        if not keys:
+            return
+        cost = batch.nbytes + _INDEX_BYTES_PER_ROW * len(keys)
+        self._held.append((number, keys, cost))
+        self._held_bytes += cost
+        self._full = self._full or self._held_bytes >= SIDECAR_BYTES
+        # Let the oldest rows go only while the rest still fill the window: at most one batch over.
+        while len(self._held) > 1 and self._held_bytes - self._held[0][2] >= SIDECAR_BYTES:
+            old, old_keys, old_cost = self._held.popleft()
+            for key in old_keys:
+                if self._index.get(key, (None,))[0] == old:  # not since held from a later batch
+                    del self._index[key]
+            self._held_bytes -= old_cost
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
 
 
 def _jsonable(value) -> bool:
