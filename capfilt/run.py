@@ -11,17 +11,20 @@ import functools
 import json
 import logging
 import platform
+import posixpath
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 from capfilt.config import Config
-from capfilt.io.fs import OutputDir, configure_storage, expand_input
-from capfilt.io.layout import RUN_FILE, SIZES_FILE, STATS_FILE, stats_name, tar_name
+from capfilt.identity import changes, fingerprint, output_identity
+from capfilt.io.fs import OutputDir, configure_storage, expand_input, location
+from capfilt.io.lock import hold
+from capfilt.io.layout import RUN_FILE, SIZES_FILE, STATS_FILE, tar_name
 from capfilt.runtime.executor import RayExecutor, ShardResult
 from capfilt.runtime.progress import SampleBar, estimate_samples
-from capfilt.runtime.shards import ShardTask, plan_shards, split_done
+from capfilt.runtime.shards import ShardTask, done_markers, plan_shards, split_done
 from capfilt.redaction import redact_options, redact_strings, redact_text
 from capfilt.stats import TIMING, Counts, ShardStats
 from capfilt.step import CapFiltStep
@@ -47,8 +50,8 @@ class RunOutcome:
         return 1 if self.failed else 0
 
 
-def make_step(config: Config) -> CapFiltStep:
-    return CapFiltStep(config)
+def make_step(config: Config, fingerprint: str = "") -> CapFiltStep:
+    return CapFiltStep(config, fingerprint)
 
 
 def run(config: Config, mode: str = "incremental", verbose: bool = False,
@@ -58,31 +61,40 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
         raise ValueError("no input: give --input or set 'input' in the config")
     if not config.output:
         raise ValueError("no output: give --output or set 'output' in the config")
-    check_models(config)
+    identity = output_identity(config, check_models(config))
+    fp = fingerprint(identity)
     configure_storage(config.storage_options)
-    tasks = plan_shards(expand_input(config.input), config.output)
+    urls = expand_input(config.input)
+    check_outside_input(urls, config.output)
+    tasks = plan_shards(urls, config.output)
     out = OutputDir(config.output)
+    with hold(out, "capfilt run"):  # before anything is removed or written
+        return _run_held(config, out, tasks, identity, fp, mode, verbose, progress)
+
+
+def _run_held(config: Config, out: OutputDir, tasks: list[ShardTask], identity: dict[str, Any], fp: str,
+              mode: str, verbose: bool, progress: bool) -> RunOutcome:
     _remove_temporaries(out)
-    check_compatible(out, config, mode)
-    pending, done = split_done(tasks, out) if mode == "incremental" else (tasks, [])
-    record = run_record(config, len(tasks))
+    check_compatible(out, identity, fp, mode)
+    pending, done = split_done(tasks, out, fp) if mode == "incremental" else (tasks, [])
+    record = run_record(config, identity, fp, len(tasks))
     out.write_bytes(RUN_FILE, _json(record))
 
     start = time.time()
     this_run = RunTally()
-    executor = RayExecutor(functools.partial(make_step, config), config.runtime)
+    executor = RayExecutor(functools.partial(make_step, config, fp), config.runtime)
     try:
         _execute(executor, pending, this_run, verbose, progress)
     except KeyboardInterrupt:  # Ray is shut down by now: tidy up and say what is done
         _remove_temporaries(out)
-        _, done_now = split_done(tasks, out)
+        _, done_now = split_done(tasks, out, fp)
         raise KeyboardInterrupt(f"{len(done_now)} of {len(tasks)} shards done in {out.url}; "
                                 "rerun the same command to resume") from None
     _remove_temporaries(out)  # those of workers that died mid-shard
     if executor.worker_infos:
         record["models_resolved"] = executor.worker_infos[0].details
         out.write_bytes(RUN_FILE, _json(record))
-    done_stats = read_done_stats(out, tasks)
+    done_stats = done_markers(out, tasks, fp)
     stats = aggregate(done_stats, tasks, this_run)
     seconds = round(time.time() - start, 3)
     stats[TIMING].update(seconds=seconds, shards_skipped=len(done),
@@ -107,7 +119,7 @@ def _execute(executor: RayExecutor, pending: list[ShardTask], this_run: "RunTall
                       f"{s.error} errors, {s.timing['seconds']:.1f}s")
 
     try:
-        executor.run(pending, on_result=on_result, on_progress=bar.update)
+        executor.run(pending, on_result=on_result, on_progress=bar.update, on_plan=bar.write)
     finally:
         bar.close()
 
@@ -138,11 +150,13 @@ def _remove_temporaries(out: OutputDir) -> None:
         log.info("removed %d temporary files left by an interrupted run or worker", len(stale))
 
 
-def check_models(config: Config) -> None:
-    """Both models can be loaded (a checkpoint folder, or a hub id in reach), before any worker tries."""
-    from capfilt.models.loading import check_checkpoint, text_positions
+def check_models(config: Config) -> dict[str, str | None]:
+    """Both models can be loaded (a checkpoint folder, or a hub id in reach), before any worker
+    tries. Returns what pins each slot's weights (``loading.checkpoint_identity``)."""
+    from capfilt.models.loading import check_checkpoint, checkpoint_identity, text_positions
 
     slots = (("captioner", config.captioner, "max_length"), ("filter", config.filter, "max_text_tokens"))
+    weights = {}
     for slot, section, length_key in slots:
         checkpoint = check_checkpoint(f"{slot}.model", section.model, section.revision)
         # A longer text would index past the position embeddings in every batch of every shard.
@@ -150,23 +164,43 @@ def check_models(config: Config) -> None:
         if positions is not None and wanted > positions:
             raise ValueError(f"{slot}.{length_key}: {wanted} tokens, but {section.model}'s text model "
                              f"has {positions} positions; set it to {positions} or less")
+        weights[slot] = checkpoint_identity(section.model, section.revision)
+    return weights
 
 
-def check_compatible(out: OutputDir, config: Config, mode: str) -> None:
+def check_outside_input(urls: list[str], output: str) -> None:
+    """Refuse an output folder that is the folder of an input shard or lies inside one: it would
+    write over the input (img2dataset's ``NAME_stats.json`` is the done marker's name), and a
+    later run's input would take its own output."""
+    target = location(output)
+    for url in urls:
+        if url.startswith(("http://", "https://")):
+            continue
+        folder = posixpath.dirname(location(url))
+        if target == folder or target.startswith(folder.rstrip("/") + "/"):
+            raise ValueError(f"output {output} is {'an' if target == folder else 'inside an'} input "
+                             f"folder ({posixpath.dirname(url)}, which holds {posixpath.basename(url)}); "
+                             "capfilt never writes where it reads: give another output folder")
+
+
+def check_compatible(out: OutputDir, identity: dict[str, Any], fp: str, mode: str) -> None:
+    """Refuse, naming what changed, an output folder whose run.json records another identity."""
     if mode == "overwrite" or not out.exists(RUN_FILE):
         return
     previous = json.loads(out.read_text(RUN_FILE))
-    if previous.get("fingerprint") != config.fingerprint():
-        raise RunRefused(
-            f"{out.url} holds output made with a different config, or by a capfilt version "
-            f"that makes other output from it "
-            f"(fingerprint {previous.get('fingerprint')} != {config.fingerprint()}); "
-            "use another output folder, or --mode overwrite to redo it"
-        )
+    if previous.get("fingerprint") == fp:
+        return
+    if "identity" in previous:
+        what = "; ".join(changes(previous["identity"], redact_strings(identity)))
+    else:  # written by a capfilt before the identity was recorded
+        what = f"fingerprint {previous.get('fingerprint')} -> {fp}"
+    raise RunRefused(f"{out.url} holds output of another config ({what}); use another output "
+                     "folder, or --mode overwrite to redo it")
 
 
-def run_record(config: Config, shards: int) -> dict[str, Any]:
-    """``run.json``: the resolved config (credentials redacted), fingerprint, versions, models."""
+def run_record(config: Config, identity: dict[str, Any], fp: str, shards: int) -> dict[str, Any]:
+    """``run.json``: the resolved config (credentials redacted), what decides the output
+    (``identity``) and its fingerprint, versions, models."""
     versions = {"python": platform.python_version()}
     for package in PACKAGES:
         try:
@@ -177,7 +211,8 @@ def run_record(config: Config, shards: int) -> dict[str, Any]:
     resolved["storage_options"] = redact_options(config.storage_options)
     return {
         "config": resolved,
-        "fingerprint": config.fingerprint(),
+        "identity": redact_strings(identity),
+        "fingerprint": fp,
         "versions": versions,
         "models": {
             "captioner": {"model": config.captioner.model, "revision": config.captioner.revision},
@@ -185,13 +220,6 @@ def run_record(config: Config, shards: int) -> dict[str, Any]:
         },
         "shards": shards,
     }
-
-
-def read_done_stats(out: OutputDir, tasks: list[ShardTask]) -> dict[str, ShardStats]:
-    """The stats of every done shard of the input, by shard name."""
-    present = set(out.listdir())
-    return {t.name: ShardStats.from_json(out.read_text(stats_name(t.name)))
-            for t in tasks if stats_name(t.name) in present}
 
 
 def aggregate(done_stats: dict[str, ShardStats], tasks: list[ShardTask],

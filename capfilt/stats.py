@@ -81,6 +81,8 @@ class ShardStats(Counts):
 
     shard: str = ""
     input: str = ""
+    # The fingerprint of what made the shard (capfilt/identity.py): the marker counts only for it.
+    fingerprint: str = ""
     tar_samples: int = 0  # kept images, or kept (image, text) pairs in the pairs layout
     timing: dict[str, Any] = field(default_factory=dict)
 

@@ -37,8 +37,9 @@ Report = Callable[[dict[str, int]], None]
 class CapFiltStep:
     """Holds the captioner and the filter, loaded once, and processes whole shards."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, fingerprint: str = ""):
         self.config = config
+        self.fingerprint = fingerprint  # recorded in each shard's done marker
         configure_storage(config.storage_options)
         rt = config.runtime
         self.device = resolve_device(rt.device)
@@ -80,7 +81,7 @@ class CapFiltStep:
             worker: dict[str, Any] | None = None) -> ShardStats:
         """Process one shard. ``worker`` (who runs it, from the executor) goes into the stats' timing."""
         rt = self.config.runtime
-        stats = ShardStats(shard=task.name, input=redact_text(task.url))
+        stats = ShardStats(shard=task.name, input=redact_text(task.url), fingerprint=self.fingerprint)
         stats.start(worker or {"worker_pid": os.getpid()})
         out = OutputDir(task.output)
         samples = read_shard(task.url, self.reader_options)

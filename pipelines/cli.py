@@ -78,10 +78,11 @@ def guarded(command, args: argparse.Namespace) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a bad config or input raises (a failing filesystem is an input too)."""
     from capfilt.config import ConfigError
+    from capfilt.io.lock import OutputLocked
     from capfilt.run import RunRefused
     from capfilt.runtime.executor import WorkerStartError
 
-    return ConfigError, ValueError, OSError, ImportError, RunRefused, WorkerStartError
+    return ConfigError, ValueError, OSError, ImportError, RunRefused, OutputLocked, WorkerStartError
 
 
 def one_line(exc: BaseException) -> str:

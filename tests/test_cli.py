@@ -4,6 +4,7 @@ A bad config or input exits 2 with one line naming the problem and no traceback;
 130 with one line, leaves no temporary, and a rerun finishes the job.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -226,6 +227,48 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_finishes(tiny_models, tmp_path):
     rerun = subprocess.run([*argv, "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / STATS_FILE).read_text())["shards_done"] == 6
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("where", ["the_input", "inside_the_input"])
+@pytest.mark.parametrize("mode", ["incremental", "overwrite"])
+def test_an_output_in_an_input_folder_is_refused_and_the_input_untouched(tiny_models, tmp_path, where, mode):
+    web = tmp_path / "web"
+    make_web_shards(web, shards=2, per_shard=2)
+    (web / "00000_stats.json").write_text('{"count": 2, "successes": 2}')  # as img2dataset writes
+    before = folder_bytes(web)
+    output = web if where == "the_input" else web / "clean"
+    result = capfilt(*tiny_run(tiny_models, web, output, "--no-progress", "--mode", mode))
+    assert_one_line_error(result, f"output {output} is", str(web), "another output folder")
+    assert folder_bytes(web) == before
+
+
+def test_a_second_run_into_the_same_output_is_refused_and_a_killed_run_blocks_nothing(tiny_models, tmp_path):
+    make_web_shards(tmp_path / "web", shards=6, per_shard=8)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipelines.cli", *map(str, tiny_run(tiny_models, tmp_path / "web", out)),
+            "--no-progress"]
+    first = subprocess.Popen(argv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "run.json").exists():  # written while the run holds the folder
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert_one_line_error(second, str(out), "in use by another run", f"pid {first.pid}", "started 20")
+        assert first.poll() is None, "the first run ended before the second was refused"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the Ray processes it had started
+    third = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr
     assert json.loads((out / STATS_FILE).read_text())["shards_done"] == 6
 
 

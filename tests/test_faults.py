@@ -74,6 +74,48 @@ def test_driver_sigkill_then_rerun_gives_identical_output(clean, tiny_models, tm
     assert snapshot(out) == clean["files"]
 
 
+def markers_of(out, fingerprint: str) -> int:
+    """Done markers in ``out`` that record ``fingerprint``."""
+    count = 0
+    for name in names(out):
+        if name.endswith("_stats.json"):
+            try:
+                count += json.loads((out / name).read_text()).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                pass
+    return count
+
+
+def test_an_overwrite_killed_anywhere_then_rerun_holds_only_the_new_config(clean, tiny_models, tmp_path):
+    """A folder of threshold 0.3; ``--mode overwrite`` with the clean config, SIGKILLed before
+    its first new shard is done and again after two; then a plain rerun. Every file must be the
+    new config's: an old shard's done marker must not count as done."""
+    out = tmp_path / "out"
+    assert main(args(tiny_models, clean["inputs"], out, "filter.threshold=0.3")) == 0
+    new = json.loads((clean["out"] / "run.json").read_text())["fingerprint"]
+    assert markers_of(out, new) == 0
+    command = [sys.executable, "-m", "pipelines.cli", *args(tiny_models, clean["inputs"], out), "--mode",
+               "overwrite"]
+    kill_when = [
+        lambda: markers_of(out, new) == 0 and tmp_tar_present(out)
+        and json.loads((out / "run.json").read_text())["fingerprint"] == new,
+        lambda: markers_of(out, new) >= 2,
+    ]
+    for point in kill_when:
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: proc.poll() is not None or point())
+            assert proc.poll() is None, "the run finished before the kill point"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        finally:
+            kill_group(proc.pid)
+    assert 0 < markers_of(out, new) < SHARDS  # old shards are left, marked done for 0.3
+    assert main(args(tiny_models, clean["inputs"], out)) == 0
+    assert snapshot(out) == clean["files"]
+
+
 def test_worker_sigkill_mid_shard_is_redone_identically(clean, tiny_models, tmp_path):
     from capfilt.config import load_config
     from capfilt.io.fs import expand_input

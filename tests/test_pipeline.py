@@ -202,7 +202,8 @@ def test_rerun_skips_completed_shards(first_run, tiny_models, capsys):
 def test_other_config_into_same_output_is_refused(first_run, tiny_models, capsys):
     rc = main(run_args(tiny_models, [str(first_run["root"] / "in")], first_run["out"], 0.1234))
     assert rc == 2
-    assert "different config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"holds output of another config (filter.threshold: {first_run['threshold']} -> 0.1234)" in err
 
 
 def test_overwrite_mode_redoes_the_output_with_the_new_config(first_run, tiny_models, tmp_path):
@@ -258,7 +259,10 @@ def test_run_record_redacts_credentials_at_any_depth():
 
     config = load_config(None, ['storage_options={s3: {endpoint_url: "http://127.0.0.1:9000", key: AKIA, '
                                 'client_kwargs: {aws_secret_access_key: sekrit, region_name: us-east-1}}}'])
-    record = json.dumps(_run_record(config, 1))
+    from capfilt.identity import fingerprint, output_identity
+
+    identity = output_identity(config, {"captioner": None, "filter": None})
+    record = json.dumps(_run_record(config, identity, fingerprint(identity), 1))
     assert "sekrit" not in record and "AKIA" not in record
     assert "http://127.0.0.1:9000" in record and "us-east-1" in record
 

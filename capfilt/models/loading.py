@@ -114,13 +114,32 @@ def load_image_processor(processor_cls, name: str, config, kwargs: dict):
         return processor_cls(size={"height": size, "width": size})
 
 
+# The files of a checkpoint folder that decide what it computes: weights, configs, tokenizer.
+IDENTITY_FILES = (".safetensors", "config.json", "tokenizer.json", "vocab.txt", "special_tokens_map.json")
+
+
+def checkpoint_identity(name: str, revision: str | None = None) -> str:
+    """What pins a checkpoint: a hash of a local folder's files, or the hub commit it resolves to
+    (the snapshot folder of the local cache is named by it). Swapping the files behind a folder,
+    or a branch moving on the hub, changes it."""
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        return checkpoint_digest(local)
+    from huggingface_hub import hf_hub_download
+
+    return "commit:" + os.path.basename(os.path.dirname(hf_hub_download(name, "config.json", revision=revision)))
+
+
 def checkpoint_digest(name: str) -> str | None:
-    """sha256 of a local folder's weight files, so a local checkpoint is traceable."""
+    """sha256 of a local folder's weight, config and tokenizer files (``IDENTITY_FILES``),
+    so a local checkpoint is traceable. It reads every byte of the weights: seconds for
+    BLIP-large at disk speed, once per run."""
     if not os.path.isdir(name):
         return None
     digest = hashlib.sha256()
     for fname in sorted(os.listdir(name)):
-        if fname.endswith((".safetensors", "config.json")):
+        if fname.endswith(IDENTITY_FILES):
+            digest.update(fname.encode() + b"\0")
             with open(os.path.join(name, fname), "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from capfilt.io.fs import OutputDir, shard_name
 from capfilt.io.layout import stats_name
+from capfilt.stats import ShardStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,9 +31,31 @@ def plan_shards(urls: list[str], output: str) -> list[ShardTask]:
     return [ShardTask(url=u, name=n, output=output) for u, n in zip(urls, names)]
 
 
-def split_done(tasks: list[ShardTask], out: OutputDir) -> tuple[list[ShardTask], list[ShardTask]]:
-    """(pending, done): a shard is done when its stats file, written last, exists."""
+def split_done(tasks: list[ShardTask], out: OutputDir, fingerprint: str
+               ) -> tuple[list[ShardTask], list[ShardTask]]:
+    """(pending, done): done are the shards whose done marker records ``fingerprint``."""
+    done = done_markers(out, tasks, fingerprint)
+    return [t for t in tasks if t.name not in done], [t for t in tasks if t.name in done]
+
+
+def done_markers(out: OutputDir, tasks: list[ShardTask], fingerprint: str) -> dict[str, ShardStats]:
+    """The stats of every shard whose done marker (``NAME_stats.json``, written last) records
+    ``fingerprint``, by shard name. A marker of another config, weights or capfilt version,
+    img2dataset's stats of the same name, and an empty or unreadable marker: not done."""
     present = set(out.listdir())
-    done = [t for t in tasks if stats_name(t.name) in present]
-    pending = [t for t in tasks if stats_name(t.name) not in present]
-    return pending, done
+    names = [t.name for t in tasks if stats_name(t.name) in present]
+    with ThreadPoolExecutor(MARKER_READERS) as pool:  # an object store answers each in ~10s of ms
+        markers = pool.map(lambda name: _marker(out, name), names)
+    return {name: stats for name, stats in zip(names, markers)
+            if stats is not None and stats.fingerprint == fingerprint}
+
+
+MARKER_READERS = 16
+
+
+def _marker(out: OutputDir, name: str) -> ShardStats | None:
+    try:
+        return ShardStats.from_json(out.read_text(stats_name(name)))
+    except Exception as exc:  # a marker cut short, or not capfilt's: the shard is redone
+        log.info("%s: %s is not a done marker (%s); the shard is not done", out.url, stats_name(name), exc)
+        return None

@@ -1,0 +1,65 @@
+"""What decides an output's bytes, and its fingerprint.
+
+An output folder holds the output of exactly one identity: ``run.json`` records it, and every
+shard's done marker (``NAME_stats.json``) records its fingerprint, so a shard written under
+another config, other weights or by an older capfilt is not done, whatever the mode of the
+run that left it. When the identity changes, ``changes`` names what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+# Raised when capfilt itself makes different output from the same config, so that a run is
+# not resumed into a folder of the older output. 2: captions drawn by NucleusSampler
+# (capfilt/models/sampling.py) instead of transformers' sampling. 3: the parquet's tar_bytes.
+# 4: the done marker records the fingerprint, which covers batch size and weights.
+OUTPUT_REVISION = 4
+
+# runtime settings that change the output: the random stream is drawn per batch.
+RUNTIME_KEYS = ("seed", "dtype", "batch_size")
+
+
+def output_identity(config, weights: dict[str, str | None]) -> dict[str, Any]:
+    """Everything that changes the output's bytes: the model, reader and writer sections, the
+    runtime settings above, the identity of each slot's weights (hub commit or a hash of the
+    local files) and capfilt's output revision. Not the input, the output or the placement."""
+    d = config.to_dict()
+    return {
+        **{section: d[section] for section in ("captioner", "filter", "reader", "writer")},
+        "runtime": {key: d["runtime"][key] for key in RUNTIME_KEYS},
+        "weights": dict(weights),
+        "output_revision": OUTPUT_REVISION,
+    }
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["filter.threshold: 0.3 -> 0.6", ...]``: the dotted keys whose values differ."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [f"{key}: {_show(flat_old.get(key))} -> {_show(flat_new.get(key))}"
+            for key in sorted(flat_old.keys() | flat_new.keys())
+            if flat_old.get(key, _MISSING) != flat_new.get(key, _MISSING)]
+
+
+_MISSING = object()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "(none)" if value is None else json.dumps(value, default=str)
