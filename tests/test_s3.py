@@ -196,3 +196,35 @@ def test_report_reads_an_s3_output_and_its_s3_inputs(s3, first_run, tmp_path):
     shown = [r for rows in data.examples.values() for r in rows]
     assert shown and all(r["_thumb"] for r in shown)
     assert page.read_text().count("data:image/jpeg;base64,") >= len(shown)
+
+
+def test_an_s3_output_is_leased_and_a_lease_not_renewed_expires(s3, monkeypatch):
+    """An object store has no OS lock: the run holds a lease it renews. A second run is refused
+    while the holder renews it, and gets it once the holder is gone (released, or SIGKILLed:
+    then its lease is left unrenewed, which the written lease below stands for)."""
+    from capfilt.io import lock
+    from capfilt.io.fs import OutputDir, configure_storage
+    from capfilt.io.layout import LOCK_FILE
+
+    configure_storage({"s3": {"endpoint_url": s3["endpoint"]}})
+    monkeypatch.setattr(lock, "LEASE_SETTLE_SECONDS", 0.2)
+    out, lease = OutputDir(f"s3://{BUCKET}/leased"), 1.5
+
+    def hold_briefly():
+        with lock.hold(out, "capfilt run", lease_seconds=lease):
+            pass
+
+    with lock.hold(out, "capfilt run", lease_seconds=lease):
+        time.sleep(2 * lease)  # beyond one lease: only the holder's renewals keep it
+        with pytest.raises(lock.OutputLocked, match=r"in use by another run \(capfilt run on host .+, "
+                                                    r"pid \d+, started 20"):
+            hold_briefly()
+    hold_briefly()  # released at the end: the next run holds it at once
+    killed = {"host": "gone", "pid": 4242, "command": "capfilt run", "started_at": "2026-01-01T00:00:00",
+              "token": "theirs", "expires_at": time.time() + lease}
+    out.write_bytes(LOCK_FILE, json.dumps(killed).encode())
+    with pytest.raises(lock.OutputLocked, match="host gone, pid 4242"):
+        hold_briefly()
+    time.sleep(lease)
+    hold_briefly()
+    assert not out.exists(LOCK_FILE)
