@@ -129,37 +129,38 @@ def read_parquet(url: str, columns: list[str] | None = None):
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def iter_parquet_batches(url: str, batch_size: int = 1024,
-                         max_row_group_bytes: int | None = None) -> Iterator[Any]:
-    """The parquet file at ``url`` as pyarrow RecordBatches, one row group at a time: never whole.
+def iter_parquet_batches(url: str, max_row_group_bytes: int, batch_size: int = 1024) -> Iterator[Any]:
+    """The parquet file at ``url`` as pyarrow RecordBatches, a row group at a time: never whole.
 
-    With ``max_row_group_bytes``, a row group's columns are read smallest first while their
-    sizes (uncompressed, as the file's metadata states them) add up to no more; the others are
-    left out of that row group's batches, so one huge column cannot fill memory. Opened through
-    the filesystem, as ``read_parquet`` does, and closed when the iteration ends.
+    Its footer may take no more than ``max_row_group_bytes``, and a row group's columns are read
+    smallest first while their sizes (uncompressed, as the file's metadata states them) add up
+    to no more; the others are left out of that row group's batches. Opened through the
+    filesystem, as ``read_parquet`` does, and closed when the iteration ends.
     """
     import pyarrow.parquet as pq
 
     fs, path = url_to_fs(url)
-    with pq.ParquetFile(path, filesystem=fs, pre_buffer=False) as parquet:
-        fields = parquet.schema_arrow
-        for index in range(parquet.metadata.num_row_groups):
-            columns = None
-            if max_row_group_bytes is not None:
-                columns = _columns_within(fields, parquet.metadata.row_group(index), max_row_group_bytes)
-                if len(columns) < len(fields):
-                    log.warning("%s: row group %d: %d columns left out, over %d bytes together",
-                                redact_text(url), index, len(fields) - len(columns), max_row_group_bytes)
-            yield from parquet.iter_batches(batch_size, row_groups=[index], columns=columns)
+    with pq.ParquetFile(path, filesystem=fs, pre_buffer=False, buffer_size=1 << 20,  # chunks in pieces
+                        thrift_string_size_limit=max_row_group_bytes) as parquet:
+        fields, metadata = parquet.schema_arrow, parquet.metadata
+        for index in range(metadata.num_row_groups):
+            columns = _columns_within(fields, metadata.row_group(index), max_row_group_bytes)
+            if len(columns) < len(fields):
+                log.warning("%s: row group %d: %d columns left out, over %d bytes together",
+                            redact_text(url), index, len(fields) - len(columns), max_row_group_bytes)
+            if columns:
+                # One thread: mimalloc's per-thread heaps would keep what each thread freed.
+                yield from parquet.iter_batches(batch_size, row_groups=[index], columns=columns,
+                                                use_threads=False)
 
 
 def _columns_within(fields, row_group, budget: int) -> list[str]:
     """The top-level columns of ``row_group`` to read, in file order, smallest first within ``budget``."""
-    sizes, leaf = [], 0
+    sizes, first = [], 0
     for field in fields:  # a nested column is stored as its leaves, in order
-        leaves = _leaf_count(field.type)
-        sizes.append(sum(row_group.column(i).total_uncompressed_size for i in range(leaf, leaf + leaves)))
-        leaf += leaves
+        last = first + _leaf_count(field.type)
+        sizes.append(sum(row_group.column(i).total_uncompressed_size for i in range(first, last)))
+        first = last
     chosen: set[int] = set()
     for i in sorted(range(len(sizes)), key=sizes.__getitem__):
         if sizes[i] > budget:
