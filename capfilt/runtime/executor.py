@@ -79,20 +79,160 @@ def import_ray(local: bool):
     return ray
 
 
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def worker_threads(cpus: int) -> int:
     """Torch threads for a worker of ``cpus`` Ray CPUs: never more than the cores it may run on.
 
-    Ray's CPUs are logical, so a config written for a bigger machine (blip_large.yaml asks for
-    4) can land on a smaller one; more compute threads than cores, meeting at a barrier after
-    every operation, run far slower than one per core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    Ray's CPUs are logical, so a config written for a bigger machine, or a node that declares
+    more CPUs than it has, can put a worker on fewer cores; more compute threads than cores,
+    meeting at a barrier after every operation, run far slower than one per core."""
+    cores = machine_cores()
     if cpus > cores:
-        log.warning("runtime.cpus_per_worker is %d but this node has %d cores: %d torch threads",
-                    cpus, cores, cores)
+        log.warning("a worker of %d Ray CPUs on a node of %d cores: %d torch threads", cpus, cores, cores)
     return max(1, min(cpus, cores))
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What a node offers the run: Ray's CPUs and GPUs on it. ``node_id`` None: the local
+    instance capfilt is about to start."""
+
+    node_id: str | None
+    cpus: int
+    gpus: int
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker's place: its node (None: wherever Ray puts it), its Ray CPUs (its torch
+    threads) and its GPUs."""
+
+    node_id: str | None
+    cpus: int
+    gpus: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The workers a run starts, in the order it starts them (spread over the nodes)."""
+
+    nodes: int  # in the cluster
+    slots: tuple[Slot, ...]
+    device: str  # what a worker runs its models on: cpu or cuda
+
+    def describe(self) -> str:
+        """One line for the user, e.g. ``plan: 3 nodes, 3 workers (cpu), 8 threads each``."""
+        used = {s.node_id for s in self.slots}
+        if None in used:
+            where = " placed by Ray" if self.nodes > 1 else ""
+        else:
+            where = f" on {len(used)} of them" if len(used) < self.nodes else ""
+        gpus = sum(s.gpus for s in self.slots)
+        devices = f"{self.device}, {gpus:g} GPU{'' if gpus == 1 else 's'}" if gpus else self.device
+        threads = sorted({s.cpus for s in self.slots})
+        each = f"{threads[0]}" if len(threads) == 1 else f"{threads[0]}-{threads[-1]}"
+        return (f"plan: {_count(self.nodes, 'node')}, {_count(len(self.slots), 'worker')}{where} ({devices}), "
+                f"{each} thread{'' if threads == [1] else 's'} each")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def plan_workers(rt: RuntimeConfig, nodes: list[NodeResources]) -> Plan:
+    """The workers for ``rt`` on ``nodes``; ``auto`` values are worked out from the nodes.
+
+    With GPUs (and ``runtime.device`` not cpu), one worker per ``gpus_per_worker`` GPUs (1
+    unless set) on each GPU node, that node's CPUs shared among its workers; else one worker per
+    node with all its CPUs, or as many of ``cpus_per_worker`` as fit when that is set. A set
+    ``num_workers`` is spread over the nodes, the biggest first. Each worker is pinned to its node; with both
+    ``num_workers`` and ``cpus_per_worker`` set, Ray places them, as it always did."""
+    gpus = _gpus_per_worker(rt, nodes)
+    device = "cpu" if rt.device == "cpu" or not gpus else "cuda"
+    if isinstance(rt.num_workers, int) and isinstance(rt.cpus_per_worker, int):
+        if not any(n.cpus >= rt.cpus_per_worker and n.gpus >= gpus for n in nodes):
+            raise WorkerStartError(_no_room(rt, nodes, gpus, 0))
+        return Plan(len(nodes), (Slot(None, rt.cpus_per_worker, gpus),) * rt.num_workers, device)
+    nodes = sorted(nodes, key=lambda n: (n.gpus, n.cpus), reverse=True)  # the biggest first
+    counts = _workers_per_node(rt, nodes, gpus)
+    slots: list[Slot] = []
+    for rank in range(max(counts, default=0)):  # round robin: the first workers spread out
+        slots += [Slot(n.node_id, _cpus_per_worker(rt, n, c), gpus)
+                  for n, c in zip(nodes, counts) if rank < c]
+    return Plan(len(nodes), tuple(slots), device)
+
+
+def _gpus_per_worker(rt: RuntimeConfig, nodes: list[NodeResources]) -> float:
+    has_gpus = any(n.gpus for n in nodes)
+    if rt.gpus_per_worker == "auto":
+        gpus = 1.0 if has_gpus and rt.device != "cpu" else 0.0
+    else:
+        gpus = rt.gpus_per_worker
+    if rt.device == "cuda" and not gpus:
+        why = "runtime.gpus_per_worker is 0" if has_gpus else "the cluster has no GPUs"
+        raise WorkerStartError(f"runtime.device is cuda but {why}")
+    return gpus
+
+
+def _workers_per_node(rt: RuntimeConfig, nodes: list[NodeResources], gpus: float) -> list[int]:
+    """How many workers each node gets: as many as fit for ``auto`` (one per node when each
+    takes all the CPUs), else ``num_workers`` dealt round the nodes with room."""
+    least_cpus = 1 if rt.cpus_per_worker == "auto" else rt.cpus_per_worker
+    room = [n.cpus // least_cpus for n in nodes]
+    if gpus:
+        room = [min(r, int(n.gpus / gpus + 1e-9)) for r, n in zip(room, nodes)]
+    if rt.num_workers == "auto":
+        counts = room if gpus or rt.cpus_per_worker != "auto" else [min(1, r) for r in room]
+        wanted = 1
+    else:
+        counts, wanted = [0] * len(nodes), rt.num_workers
+        free = [i for i in range(len(nodes)) if room[i]]
+        while free and sum(counts) < wanted:
+            i = min(free, key=lambda i: counts[i])  # the first of the nodes with fewest so far
+            counts[i] += 1
+            free = [i for i in free if counts[i] < room[i]]
+    if sum(counts) < wanted:
+        raise WorkerStartError(_no_room(rt, nodes, gpus, sum(room)))
+    return counts
+
+
+def _cpus_per_worker(rt: RuntimeConfig, node: NodeResources, workers: int) -> int:
+    return rt.cpus_per_worker if rt.cpus_per_worker != "auto" else node.cpus // workers
+
+
+def _no_room(rt: RuntimeConfig, nodes: list[NodeResources], gpus: float, room: int) -> str:
+    want = "a worker" if rt.num_workers == "auto" else f"runtime.num_workers={rt.num_workers} workers"
+    cpus = 1 if rt.cpus_per_worker == "auto" else rt.cpus_per_worker
+    each = _count(cpus, "CPU") + (f" and {gpus:g} GPU{'' if gpus == 1 else 's'}" if gpus else "")
+    offered = "; ".join(f"{_count(n.cpus, 'CPU')}, {_count(n.gpus, 'GPU')}" for n in nodes) or "none"
+    return (f"no room for {want} of {each} (room for {room}); the cluster's nodes: {offered} "
+            "(runtime.num_workers, cpus_per_worker, gpus_per_worker)")
+
+
+def cluster_nodes(ray) -> list[NodeResources]:
+    """The alive nodes of the cluster Ray is connected to, with their CPUs and GPUs."""
+    return [NodeResources(n["NodeID"], int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0)))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def local_node(rt: RuntimeConfig) -> NodeResources:
+    """The machine, as the local instance capfilt starts will offer it: its cores (or more, for
+    set numbers that ask for more) and the GPUs torch sees."""
+    gpus = 0
+    if rt.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    asked = ((rt.num_workers if rt.num_workers != "auto" else 1)
+             * (rt.cpus_per_worker if rt.cpus_per_worker != "auto" else 1))
+    return NodeResources(None, max(machine_cores(), asked), gpus)
 
 
 def configure_worker_process(cpus: int, retain_memory: bool) -> int:
@@ -111,9 +251,11 @@ class _Worker:
     """Ray actor body: builds the step once, then processes whole shards."""
 
     def __init__(self, step_factory: StepFactory, progress_name: str, cpus: int,
-                 retain_memory: bool):
+                 retain_memory: bool, gpus: float = 0.0):
         import ray
 
+        if not gpus:  # Ray 2.60 leaves a worker without GPUs seeing all of them: device auto is cpu
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.threads = configure_worker_process(cpus, retain_memory)
         self.step = step_factory()
         # Looked up by name: an actor handle as a constructor argument would pin it
@@ -166,17 +308,26 @@ class RayExecutor:
         self.step_factory = step_factory
         self.runtime = runtime
         self.worker_infos: list[WorkerInfo] = []
+        self.plan: Plan | None = None  # set when the run starts
         self._replacements = 0  # dead workers replaced in this run
+        self._slots: dict[Any, Slot] = {}  # each worker's slot, for its replacement
 
     def run(self, tasks: list[ShardTask],
             on_result: Callable[[ShardResult], None] | None = None,
-            on_progress: Callable[[dict[str, int]], None] | None = None) -> list[ShardResult]:
+            on_progress: Callable[[dict[str, int]], None] | None = None,
+            on_plan: Callable[[str], None] | None = None) -> list[ShardResult]:
+        """Process ``tasks``; ``on_plan`` gets the plan's one line before any shard starts
+        (else it is logged at INFO)."""
         if not tasks:
             return []
         ray = import_ray(local=self.runtime.ray_address is None)
-        started_here = self._init(ray)
+        self.plan = None
+        started_here = self._init(ray)  # plans a local instance before it starts it
         interrupted = False
         try:
+            if self.plan is None:
+                self.plan = plan_workers(self.runtime, cluster_nodes(ray))
+            (on_plan or log.info)(self.plan.describe())
             return self._run(ray, tasks, on_result, on_progress)
         except KeyboardInterrupt:
             interrupted = True
@@ -187,32 +338,54 @@ class RayExecutor:
                     ray.shutdown()
 
     def _init(self, ray) -> bool:
+        """Connect to Ray, or start a local instance sized for the plan; whether Ray was
+        started here (and so is to be shut down)."""
         rt = self.runtime
         if ray.is_initialized():
             return False
         if rt.ray_address is not None:
             ray.init(address=rt.ray_address, log_to_driver=True)
-        else:
-            # Ray starts workers at nice 15, so that any of its daemons, or the driver, takes
-            # a core from a worker at once; with the model's threads meeting at barriers, one
-            # delayed thread stalls all of them. A worker here does the run's work: normal
-            # priority (BENCHMARKS.md: this machine's drift hid how much that is worth).
-            ray.init(address="local", num_cpus=rt.num_workers * rt.cpus_per_worker + 1,
-                     include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=True, _system_config={"worker_niceness": 0})
+            return True
+        machine = local_node(rt)
+        self.plan = plan_workers(rt, [machine])  # before Ray starts: a plan that cannot be, at once
+        # One CPU more than the workers take, as ever; the cores, when there are more.
+        cpus = max(machine.cpus, sum(s.cpus for s in self.plan.slots) + 1)
+        # Ray starts workers at nice 15, so that any of its daemons, or the driver, takes
+        # a core from a worker at once; with the model's threads meeting at barriers, one
+        # delayed thread stalls all of them. A worker here does the run's work: normal
+        # priority (BENCHMARKS.md: this machine's drift hid how much that is worth).
+        ray.init(address="local", num_cpus=cpus, num_gpus=machine.gpus,
+                 include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=True, _system_config={"worker_niceness": 0})
         return True
 
-    def _new_worker(self, ray, progress_name: str):
-        rt = self.runtime
-        actor_cls = ray.remote(_Worker).options(
-            num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
-            max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries,
-        )
-        return actor_cls.remote(self.step_factory, progress_name, rt.cpus_per_worker,
-                                rt.retain_freed_memory)
+    def _new_worker(self, ray, progress_name: str, slot: Slot):
+        """A worker in ``slot``, pinned to its node when the plan names one."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def _start(self, ray, workers: int) -> tuple[str, Any, list]:
-        """The progress actor (its name and handle) and ``workers`` workers with the step built."""
+        rt = self.runtime
+        pinned = {} if slot.node_id is None else {
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(slot.node_id, soft=False)}
+        actor_cls = ray.remote(_Worker).options(
+            num_cpus=slot.cpus, num_gpus=slot.gpus,
+            max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries, **pinned,
+        )
+        worker = actor_cls.remote(self.step_factory, progress_name, slot.cpus,
+                                  rt.retain_freed_memory, slot.gpus)
+        self._slots[worker] = slot
+        return worker
+
+    def _replace(self, ray, worker, progress_name: str):
+        """A new worker in the slot of ``worker``, gone; None when its node is gone too (a
+        worker pinned there could never start: the run goes on with the others)."""
+        slot = self._slots.pop(worker)
+        if slot.node_id is not None and slot.node_id not in {n.node_id for n in cluster_nodes(ray)}:
+            log.warning("node %s is gone: its worker is not replaced", slot.node_id)
+            return None
+        return self._new_worker(ray, progress_name, slot)
+
+    def _start(self, ray, slots: tuple[Slot, ...]) -> tuple[str, Any, list]:
+        """The progress actor (its name and handle) and a worker in each slot, the step built."""
         progress_name = f"capfilt-progress-{uuid.uuid4().hex}"
         # On the driver's node, which lives as long as the run; workers' nodes may not.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -220,16 +393,16 @@ class RayExecutor:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(_Progress).options(
             name=progress_name, num_cpus=0, scheduling_strategy=here).remote()
-        started = [self._new_worker(ray, progress_name) for _ in range(workers)]
+        started = [self._new_worker(ray, progress_name, slot) for slot in slots]
         try:
             self.worker_infos = ray.get([w.info.remote() for w in started])
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
             raise WorkerStartError(f"workers failed to start: {_root_cause(exc)}") from exc
         return progress_name, progress, started
 
     def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
         rt = self.runtime
-        progress_name, progress, idle = self._start(ray, min(rt.num_workers, len(tasks)))
+        progress_name, progress, idle = self._start(ray, self.plan.slots[:len(tasks)])
         run = _Run(tasks, idle, rt, on_result)
         while run.pending or run.inflight:
             run.dispatch()
@@ -245,7 +418,9 @@ class RayExecutor:
             for ref in run.overdue():
                 worker, task, _ = run.inflight.pop(ref)
                 ray.kill(worker, no_restart=True)  # the one way to stop an actor's running task
-                run.idle.append(self._new_worker(ray, progress_name))
+                replacement = self._replace(ray, worker, progress_name)
+                if replacement is not None:
+                    run.idle.append(replacement)
                 run.settle(ShardResult(task, None, f"timed out after {rt.shard_timeout:g} s "
                                        "(runtime.shard_timeout)", run.attempts[task]))
             if run.pending and not run.idle and not run.inflight:  # every worker died for good
@@ -262,11 +437,12 @@ class RayExecutor:
         rt = self.runtime
         try:
             return ShardResult(task, ray.get(ref), attempts=attempt), worker
-        except ray.exceptions.RayActorError as exc:
-            worker = None
-            if self._replacements < rt.num_workers * max(1, rt.max_restarts):
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
+            # Unschedulable: a pinned worker whose node is gone, which Ray cannot restart there.
+            dead, worker = worker, None
+            if self._replacements < len(self.plan.slots) * max(1, rt.max_restarts):
                 self._replacements += 1
-                worker = self._new_worker(ray, progress_name)
+                worker = self._replace(ray, dead, progress_name)
             return ShardResult(task, None, redact_text(f"worker died: {exc}"), attempt), worker
         except ray.exceptions.RayTaskError as exc:
             return ShardResult(task, None, redact_text(_task_error(exc)), attempt), worker
