@@ -52,6 +52,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 TextTokens = Annotated[int, Field(ge=2)]
 # Ray's retry counts: -1 is "without limit".
 RayRetries = Annotated[int, Field(ge=-1)]
+# A value capfilt works out when it starts (runtime placement).
+Auto = Literal["auto"]
 
 # reader.max_image_pixels' default, also the limit where no config is at hand.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -198,9 +200,12 @@ class FinetuneConfig:
 @dataclass(config=STRICT)
 class RuntimeConfig:
     ray_address: Union[str, None] = None
-    num_workers: PositiveInt = 1
-    cpus_per_worker: PositiveInt = 1
-    gpus_per_worker: NonNegativeFloat = 0.0
+    # auto: worked out from the cluster at start (capfilt/runtime/executor.py, plan_workers):
+    # one worker per GPU when it has GPUs, each with 1 GPU and its node's CPUs shared among
+    # them; otherwise one worker per node with all its CPUs (torch threads). A number wins.
+    num_workers: Union[PositiveInt, Auto] = "auto"
+    cpus_per_worker: Union[PositiveInt, Auto] = "auto"
+    gpus_per_worker: Union[NonNegativeFloat, Auto] = "auto"
     batch_size: PositiveInt = 16
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
