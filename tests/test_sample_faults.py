@@ -135,7 +135,8 @@ def read_tar(tmp_path, *parts: bytes, end: bytes = bytes(2 * tarfile.BLOCKSIZE),
 
 def huge_global_headers() -> bytes:
     half = b"x" * (MAX_HEADER_BYTES // 2 + 1)  # each fits; together they pass the limit
-    return header("g1", tarfile.XGLTYPE, pax(comment_a=half)) + header("g2", tarfile.XGLTYPE, pax(comment_b=half))
+    return header("g1", tarfile.XGLTYPE, pax(comment_a=half)) + \
+        header("g2", tarfile.XGLTYPE, pax(comment_b=half))
 
 
 def sparse_member() -> bytes:
