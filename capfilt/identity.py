@@ -22,6 +22,24 @@ OUTPUT_REVISION = 4
 RUNTIME_KEYS = ("seed", "dtype", "batch_size")
 
 
+class RunRefused(RuntimeError):
+    """The output folder holds output of another identity; ``--mode overwrite`` replaces it."""
+
+
+def refuse_if_changed(url: str, record: dict[str, Any] | None, identity: dict[str, Any], fp: str,
+                      what: str) -> None:
+    """Raise ``RunRefused`` naming what changed when ``record`` (the folder's ``run.json``, or
+    capfilt download's record) holds another fingerprint than ``fp``."""
+    if record is None or record.get("fingerprint") == fp:
+        return
+    if "identity" in record:
+        changed = "; ".join(changes(record["identity"], identity))
+    else:  # written by a capfilt before the identity was recorded
+        changed = f"fingerprint {record.get('fingerprint')} -> {fp}"
+    raise RunRefused(f"{url} holds {what} of another config ({changed}); use another output "
+                     "folder, or --mode overwrite to redo it")
+
+
 def output_identity(config, weights: dict[str, str | None]) -> dict[str, Any]:
     """Everything that changes the output's bytes: the model, reader and writer sections, the
     runtime settings above, the identity of each slot's weights (hub commit or a hash of the

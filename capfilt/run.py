@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from capfilt.config import Config
-from capfilt.identity import changes, fingerprint, output_identity
+from capfilt.identity import fingerprint, output_identity, refuse_if_changed
 from capfilt.io.fs import OutputDir, configure_storage, expand_input, location
 from capfilt.io.lock import hold
 from capfilt.io.layout import RUN_FILE, SIZES_FILE, STATS_FILE, tar_name
@@ -32,10 +32,6 @@ from capfilt.step import CapFiltStep
 log = logging.getLogger(__name__)
 
 PACKAGES = ("capfilt", "torch", "transformers", "ray", "webdataset", "pyarrow", "fsspec", "pillow")
-
-
-class RunRefused(RuntimeError):
-    """The output folder was made by a different config; say ``--mode overwrite`` to replace it."""
 
 
 @dataclass
@@ -187,15 +183,7 @@ def check_compatible(out: OutputDir, identity: dict[str, Any], fp: str, mode: st
     """Refuse, naming what changed, an output folder whose run.json records another identity."""
     if mode == "overwrite" or not out.exists(RUN_FILE):
         return
-    previous = json.loads(out.read_text(RUN_FILE))
-    if previous.get("fingerprint") == fp:
-        return
-    if "identity" in previous:
-        what = "; ".join(changes(previous["identity"], redact_strings(identity)))
-    else:  # written by a capfilt before the identity was recorded
-        what = f"fingerprint {previous.get('fingerprint')} -> {fp}"
-    raise RunRefused(f"{out.url} holds output of another config ({what}); use another output "
-                     "folder, or --mode overwrite to redo it")
+    refuse_if_changed(out.url, json.loads(out.read_text(RUN_FILE)), redact_strings(identity), fp, "output")
 
 
 def run_record(config: Config, identity: dict[str, Any], fp: str, shards: int) -> dict[str, Any]:

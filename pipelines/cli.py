@@ -79,7 +79,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """What a bad config or input raises (a failing filesystem is an input too)."""
     from capfilt.config import ConfigError
     from capfilt.io.lock import OutputLocked
-    from capfilt.run import RunRefused
+    from capfilt.identity import RunRefused
     from capfilt.runtime.executor import WorkerStartError
 
     return ConfigError, ValueError, OSError, ImportError, RunRefused, OutputLocked, WorkerStartError

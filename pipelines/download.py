@@ -42,3 +42,7 @@ def print_summary(totals: dict[str, Any], output: str) -> None:
     print(f"\ndownload summary ({output})")
     for key in ("shards", "count", "successes", "failed_to_download", "failed_to_resize"):
         print(f"  {key.replace('_', ' '):<20}  {totals[key]}")
+    if totals.get("why"):
+        print("  every URL failed; the commonest reasons:")
+        for reason, urls in totals["why"]:
+            print(f"    {urls:>6} x {reason}")

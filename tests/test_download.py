@@ -2,7 +2,11 @@
 
 import io
 import json
+import re
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,8 +17,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from capfilt.io.layout import LOCK_FILE
 from pipelines.cli import main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)]
 
 
@@ -109,10 +115,19 @@ def test_download_writes_img2dataset_shards_then_run_cleans_them(server, url_lis
     assert by_url[server + "/redirect.jpg"]["status"] == "success"
     assert by_url[server + "/slow.jpg"]["status"] == "success"
 
+    # Never into its input: img2dataset's NNNNN_stats.json has the name of capfilt's done marker.
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    for mode in ("incremental", "overwrite"):
+        assert main(["run", "--config", "configs/tiny.yaml", "--input", str(shards), "--output", str(shards),
+                     "--mode", mode, "--no-progress", *model_overrides(tiny_models)]) == 2
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+    # An output folder that holds img2dataset's stats (here: a copy of the download) skips nothing.
     out = tmp_path / "clean"
+    shutil.copytree(shards, out)
     rc = main(["run", "--config", "configs/tiny.yaml", "--input", str(shards), "--output", str(out),
                "--no-progress", *model_overrides(tiny_models)])
     assert rc == 0
+    assert json.loads((out / "stats.json").read_text())["timing"]["shards_skipped"] == 0
     rows = [r for t in tars for r in pq.read_table(out / f"{t[:-4]}.parquet").to_pylist()]
     assert len(rows) == 10
     successes = {r["key"]: r for r in meta if r["status"] == "success"}
@@ -149,17 +164,68 @@ def test_url_list_formats(server, tmp_path, fmt, tiny_models):
         assert sorted(s["txt"].decode() for s in samples) == sorted(c for _, c in rows)
 
 
+def web2clean_process(command) -> None:
+    """As a user runs it: a process whose exit status is checked (an abort at exit shows)."""
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *command], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "capfilt summary" in result.stdout and "download summary" in result.stdout
+
+
 def test_web2clean_in_one_command_and_resume(url_list, tiny_models, tmp_path):
     root = tmp_path / "root"
     command = ["web2clean", "--config", "configs/tiny.yaml", "--url-list", str(url_list),
                "--output", str(root), "--no-progress", *DOWNLOAD, *model_overrides(tiny_models)]
-    assert main(command) == 0
+    web2clean_process(command)
     clean = root / "clean"
     stats = json.loads((clean / "stats.json").read_text())
     assert stats["samples"] == 10 and stats["shards_done"] == 3
     stamps = {p: p.stat().st_mtime_ns for p in list((root / "shards").iterdir()) + list(clean.iterdir())
               if p.name.endswith(("_stats.json", ".tar"))}
     # Rerun: both stages skip what they finished.
-    assert main(command) == 0
+    web2clean_process(command)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((clean / "stats.json").read_text())["timing"]["shards_skipped"] == 3
+
+
+def test_download_into_a_folder_of_another_download_is_refused_unless_overwrite(url_list, tmp_path, capsys):
+    shards = tmp_path / "shards"
+
+    def download(*extra, url_list=url_list):
+        rc = main(["download", "--config", "configs/tiny.yaml", "--url-list", str(url_list),
+                   "--output", str(shards), *DOWNLOAD, *extra])
+        return rc, capsys.readouterr()
+
+    assert download()[0] == 0
+    def stamps_now():
+        return {p.name: p.stat().st_mtime_ns for p in shards.iterdir() if p.name != LOCK_FILE}
+
+    stamps = stamps_now()
+    rc, said = download("download.image_size=32")
+    assert rc == 2 and "download.image_size: 64 -> 32" in said.err and "--mode overwrite" in said.err
+    fewer = tmp_path / "fewer.parquet"
+    pq.write_table(pq.read_table(url_list).slice(0, 4), fewer)
+    rc, said = download(url_list=fewer)
+    assert rc == 2 and "download.url_list: " in said.err and "fewer.parquet" in said.err
+    assert stamps_now() == stamps  # nothing touched
+    # Placement is not identity: more threads resume the same download.
+    assert download("download.thread_count=2")[0] == 0
+    assert {n: t for n, t in stamps_now().items() if n.endswith(".tar")} == \
+        {n: t for n, t in stamps.items() if n.endswith(".tar")}
+    assert download("download.image_size=32", "--mode", "overwrite")[0] == 0
+    sizes = [min(Image.open(io.BytesIO(s["jpg"])).size) for s in
+             wds.WebDataset(str(shards / "00000.tar"), shardshuffle=False)]
+    assert sizes and max(sizes) <= 32  # keep_ratio: the shorter side
+    assert download("download.image_size=32")[0] == 0  # the overwrite's record: resumes
+
+
+def test_a_download_where_every_url_fails_says_why(server, tmp_path, capsys):
+    urls = [f"{server}/missing/{n}.jpg" for n in range(3)] + ["http://127.0.0.1:9/refused.jpg"]
+    path = tmp_path / "urls.txt"
+    path.write_text("".join(f"{u}\n" for u in urls))
+    rc = main(["download", "--config", "configs/tiny.yaml", "--url-list", str(path),
+               "--output", str(tmp_path / "shards"), *DOWNLOAD])
+    said = capsys.readouterr().out
+    assert rc == 1
+    assert "every URL failed" in said
+    assert re.search(r"3 x .*404", said) and re.search(r"1 x .*[Cc]onnection refused", said), said

@@ -8,10 +8,10 @@ import pytest
 from conftest import make_web_shards
 
 from capfilt.config import load_config
-from capfilt.identity import changes, fingerprint, output_identity
+from capfilt.identity import RunRefused, changes, fingerprint, output_identity
 from capfilt.io.fs import OutputDir
 from capfilt.io.layout import stats_name
-from capfilt.run import RunRefused, check_models, run
+from capfilt.run import check_models, run
 from capfilt.runtime.shards import ShardTask, split_done
 from capfilt.stats import ShardStats
 

@@ -20,6 +20,9 @@ RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
 SIZES_FILE = "sizes.json"
 RESHARD_PLAN_FILE = "reshard_plan.json"
+# capfilt download's record (JSON) of what decided the shards in its folder (capfilt/ingest.py).
+# Not named *.json: img2dataset takes every *.json in its folder for a shard's stats.
+DOWNLOAD_FILE = ".capfilt-download"
 # Held by the run writing the folder (capfilt/io/lock.py); hidden, so no reader takes it for data.
 LOCK_FILE = ".capfilt.lock"
 
