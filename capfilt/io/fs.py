@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -241,6 +242,10 @@ def local_copy(url: str) -> Iterator[str]:
         yield local
 
 
+# A write that fails for want of room: the error names the file it was writing.
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 class OutputDir:
     """An output folder on any filesystem, where files appear only when complete."""
 
@@ -365,8 +370,13 @@ class Staging:
         final = self.out.path(name)
         tmp = self.out.path(temporary_name(name, uuid.uuid4().hex[:12]))
         self.files.append((tmp, final))
-        with self.out.fs.open(tmp, "wb") as f:
-            yield f
-            if self.out.local:  # its content on disk before its name can be
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            with self.out.fs.open(tmp, "wb") as f:
+                yield f
+                if self.out.local:  # its content on disk before its name can be
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno in STORAGE_FULL and exc.filename is None:  # a write says not where
+                raise OSError(exc.errno, f"{exc.strerror}, writing into {self.out.url}", final) from exc
+            raise
