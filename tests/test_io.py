@@ -472,7 +472,7 @@ def test_shard_writer_parquet_has_a_row_per_sample(tmp_path):
     assert out.listdir() == ["00000.parquet", "00000.tar", "00000_stats.json"]
     # The writer tallies each sample's decision and writes the stats when the shard closes.
     assert json.loads(out.read_text("00000_stats.json")) == {
-        "shard": "00000", "input": "", "samples": 4, "kept": 2, "dropped": 1, "error": 1,
+        "shard": "00000", "input": "", "fingerprint": "", "samples": 4, "kept": 2, "dropped": 1, "error": 1,
         "web_texts": 3, "web_kept": 1, "captions": 6, "captions_kept": 2, "tar_samples": 2, "timing": {}}
     table = pq.read_table(str(tmp_path / "out" / "00000.parquet"))
     assert table.schema.equals(PARQUET_SCHEMA)
