@@ -17,6 +17,7 @@ import json
 import logging
 import posixpath
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -25,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from capfilt.io.fs import OutputDir, expand_input, open_read
+from capfilt.io.fs import OutputDir, exists, expand_input, open_read, read_json
 from capfilt.io.reader import split_key, unsafe_name
-from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, STATS_SUFFIX, parquet_name,
+from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, RUN_FILE, STATS_SUFFIX, parquet_name,
                                shard_files, shard_of_stats, stats_name, tar_name)
 from capfilt.io.writer import PARQUET_SCHEMA, TAR_BYTES
 from capfilt.stats import TIMING
@@ -141,7 +142,24 @@ def scan_inputs(input_url: str, with_sizes: bool) -> Inputs:
         shards.append(InputShard(name, kept.num_rows, sizes))
         records.append({"shard": name, "stats": _read_stats(stats_url),
                         "parquet_sha256": hashlib.sha256(data).hexdigest()})
+    _check_one_config(folder, records)
     return Inputs(folder, shards, _digest(records))
+
+
+def _check_one_config(folder: str, records: list[dict[str, Any]]) -> None:
+    """The done shards were all made by one config: the one ``run.json`` records, if any (an
+    overwrite that did not finish leaves shards of two). Markers written before capfilt
+    recorded fingerprints in them (output revision < 4) have none and are taken as they are."""
+    run_file = posixpath.join(folder, RUN_FILE)
+    expected = read_json(run_file).get("fingerprint") if exists(run_file) else None
+    made_by = {r["shard"]: r["stats"]["fingerprint"] for r in records if "fingerprint" in r["stats"]}
+    if expected is None and len(set(made_by.values())) > 1:
+        expected = Counter(made_by.values()).most_common(1)[0][0]  # the rest: the most shards
+    other = sorted(name for name, fp in made_by.items() if fp != expected and expected is not None)
+    if other:
+        raise ReshardError(f"{folder}: shards {other[:5]}{' ...' if len(other) > 5 else ''} were made by "
+                           f"another config than the rest ({expected}); finish the run (capfilt run, same "
+                           "command) before resharding")
 
 
 def _claim_keys(owner: dict[str, str], keys: list[str], shard: str) -> None:

@@ -347,6 +347,21 @@ def test_a_folder_of_other_shards_is_not_taken_for_a_reshard(clean, tmp_path):
         reshard(str(clean), str(clean), samples_per_shard=4)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["with_run_json", "without"])
+def test_shards_of_two_configs_are_refused_naming_them(clean, tmp_path, recorded):
+    """An overwrite killed half-way leaves done shards of the old config: not one corpus."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(clean, mixed)
+    for marker in mixed.glob("*_stats.json"):
+        stats = json.loads(marker.read_text())
+        stats["fingerprint"] = "old" if marker.name == "00001_stats.json" else "new"
+        marker.write_text(json.dumps(stats))
+    if recorded:
+        (mixed / "run.json").write_text(json.dumps({"fingerprint": "new"}))
+    with pytest.raises(ReshardError, match=r"shards \['00001'\] were made by another config"):
+        reshard(str(mixed), str(tmp_path / "out"), samples_per_shard=4)
+
+
 def test_duplicate_keys_across_shards_are_refused_naming_both(clean, tmp_path):
     again = shard_samples("00002", [(KEEP, "jpg")])  # key 000020000, kept in 00002 too
     write_clean_shard(clean, "00009", again)
