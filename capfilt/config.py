@@ -8,8 +8,6 @@ values raise ``ConfigError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import field
 from typing import Annotated, Any, Literal, Union
 
@@ -226,12 +224,6 @@ class RuntimeConfig:
     retain_freed_memory: bool = True
 
 
-# Raised when capfilt itself makes different output from the same config, so that a run is
-# not resumed into a folder of the older output. 2: captions drawn by NucleusSampler
-# (capfilt/models/sampling.py) instead of transformers' sampling. 3: the parquet's tar_bytes.
-OUTPUT_REVISION = 3
-
-
 @dataclass(config=STRICT)
 class Config:
     input: Union[str, list[str], None] = None
@@ -249,15 +241,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the output (not input, output or runtime placement)."""
-        d = self.to_dict()
-        relevant = {k: d[k] for k in ("captioner", "filter", "reader", "writer")}
-        relevant["output_revision"] = OUTPUT_REVISION
-        relevant["seed"] = d["runtime"]["seed"]
-        relevant["dtype"] = d["runtime"]["dtype"]
-        blob = json.dumps(relevant, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, **top_level: Any) -> Config:

@@ -1,4 +1,4 @@
-"""capfilt.config: the shipped YAML files, dotted overrides, validation, the fingerprint."""
+"""capfilt.config: the shipped YAML files, dotted overrides, validation (the fingerprint: test_identity.py)."""
 
 from pathlib import Path
 
@@ -123,24 +123,6 @@ def test_bad_config_file_is_an_error_naming_the_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(str(path))
-
-
-def test_fingerprint_tracks_what_changes_the_output():
-    base = load_config(str(LARGE))
-    same = load_config(str(LARGE))
-    assert base.fingerprint() == same.fingerprint()
-    for override in ("filter.threshold=0.6", "captioner.model=Salesforce/blip-image-captioning-base",
-                     "filter.model=other/itm", "captioner.num_captions=3", "runtime.seed=1",
-                     "runtime.dtype=bfloat16"):
-        assert load_config(str(LARGE), [override]).fingerprint() != base.fingerprint(), override
-
-
-def test_fingerprint_ignores_placement_input_and_output():
-    base = load_config(str(LARGE))
-    moved = load_config(str(LARGE), ["runtime.num_workers=7", "runtime.batch_size=4",
-                                     "runtime.ray_address=10.0.0.1:6379"],
-                        input="other/{0..9}.tar", output="elsewhere")
-    assert moved.fingerprint() == base.fingerprint()
 
 
 @pytest.mark.parametrize("override", ["captioner.prompt=[a photo", "captioner.prompt=a: b: c"])
