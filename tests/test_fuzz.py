@@ -39,6 +39,7 @@ class StubStep(CapFiltStep):
         import torch
 
         self.config, self.device, self.dtype = config, "cpu", torch.float32
+        self.fingerprint = ""  # recorded in each shard's done marker
         self.processors = {"captioner": StubProcessor()}
         self.reader_options = config.reader
         self.captioner = lambda pixels, seed: [["a caption", "another"] for _ in range(len(pixels))]
