@@ -147,14 +147,19 @@ def _remove_temporaries(out: OutputDir) -> None:
 
 
 def check_models(config: Config) -> dict[str, str | None]:
-    """Both models can be loaded (a checkpoint folder, or a hub id in reach), before any worker
-    tries. Returns what pins each slot's weights (``loading.checkpoint_identity``)."""
-    from capfilt.models.loading import check_checkpoint, checkpoint_identity, text_positions
+    """Both models can be loaded, whole and of their slot's class (a checkpoint folder, or a hub
+    id in reach), before any worker tries. Returns what pins each slot's weights
+    (``loading.checkpoint_identity``)."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-    slots = (("captioner", config.captioner, "max_length"), ("filter", config.filter, "max_text_tokens"))
+    from capfilt.models.loading import check_checkpoint, check_loads_whole, checkpoint_identity, text_positions
+
+    slots = (("captioner", config.captioner, "max_length", BlipForConditionalGeneration),
+             ("filter", config.filter, "max_text_tokens", BlipForImageTextRetrieval))
     weights = {}
-    for slot, section, length_key in slots:
+    for slot, section, length_key, model_cls in slots:
         checkpoint = check_checkpoint(f"{slot}.model", section.model, section.revision)
+        check_loads_whole(f"{slot}.model", section.model, section.revision, model_cls, checkpoint)
         # A longer text would index past the position embeddings in every batch of every shard.
         positions, wanted = text_positions(checkpoint), getattr(section, length_key)
         if positions is not None and wanted > positions:

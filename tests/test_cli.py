@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,30 @@ def test_an_empty_model_folder_is_refused_before_ray_starts(tiny_models, tmp_pat
     result = capfilt(*tiny_run(tiny_models, tmp_path / "web", tmp_path / "out", "--no-progress",
                                f"captioner.model={tmp_path / 'empty'}"))
     assert_one_line_error(result, "captioner.model", "holds no checkpoint")
+
+
+def captioner_missing_weights(tiny_models, folder):
+    """The captioner's folder with its decoder's last layer left out of the safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_models[0], folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layer.1." not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("case", ["filter_as_captioner", "weights_missing"])
+def test_a_checkpoint_that_does_not_load_whole_is_refused_before_ray_starts(tiny_models, tmp_path, case):
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    if case == "filter_as_captioner":
+        model, words = tiny_models[1], ["is a BlipForImageTextRetrieval checkpoint", "BlipForConditionalGeneration"]
+    else:
+        model = captioner_missing_weights(tiny_models, tmp_path / "cut")
+        words = ["does not load whole as BlipForConditionalGeneration", "weights missing (text_decoder: "]
+    result = capfilt(*tiny_run(tiny_models, tmp_path / "web", tmp_path / "out", "--no-progress",
+                               f"captioner.model={model}"))
+    assert_one_line_error(result, "captioner.model", str(model), *words)
 
 
 @pytest.mark.parametrize("override, key", [("captioner.max_length=200", "captioner.max_length"),

@@ -73,6 +73,99 @@ def check_checkpoint(key: str, name: str, revision: str | None = None) -> dict[s
                          f"({why}); give a local folder, or {TINY_HINT}") from exc
 
 
+def check_loads_whole(key: str, name: str, revision: str | None, model_cls: Any,
+                      config: dict[str, Any]) -> None:
+    """Refuse, before any worker loads it, a checkpoint that is not of the slot's class or whose
+    weights do not all load (transformers would initialise the missing ones at random, and the
+    run would caption or score with noise). ``config`` is its ``config.json``.
+
+    The weight names and shapes in the safetensors header are compared with those of the class
+    built on the meta device (no memory, no weights read); only when they disagree is the
+    checkpoint loaded for transformers' own report, which knows renamed and tied weights."""
+    kinds = config.get("architectures") or []
+    if kinds and model_cls.__name__ not in kinds:
+        raise ValueError(f"{key}: {name} is a {' / '.join(kinds)} checkpoint, not the "
+                         f"{model_cls.__name__} this slot needs")
+    if _header_matches(model_cls, name, revision):
+        return
+    problems = _loading_report(model_cls, name, revision)
+    if problems:
+        kind = " / ".join(kinds) or "checkpoint of no recorded class"
+        raise ValueError(f"{key}: {name} ({kind}) does not load whole as {model_cls.__name__}: "
+                         f"{problems}; transformers would start them at random")
+
+
+def _header_matches(model_cls: Any, name: str, revision: str | None) -> bool:
+    """Whether the checkpoint's tensors, by name and shape, are every tensor ``model_cls`` has
+    (tied copies aside). False also when that cannot be told cheaply: the full load decides."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        local = name if os.path.isdir(name) else os.path.dirname(
+            _hub_file(name, "config.json", revision))
+        path = os.path.join(local, "model.safetensors")
+        if not os.path.exists(path):
+            return False  # sharded, or not fetched yet
+        with safe_open(path, framework="pt") as f:
+            have = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        with torch.device("meta"):
+            model = model_cls(AutoConfig.from_pretrained(local))
+    except Exception:  # whatever the cheap way cannot read, the full load reports on
+        return False
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied = tied if isinstance(tied, dict) else {}
+    for param, tensor in model.state_dict().items():
+        if param in have:
+            if have[param] != list(tensor.shape):
+                return False
+        elif tied.get(param) not in have:
+            return False
+    return True
+
+
+def _hub_file(name: str, filename: str, revision: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(name, filename, revision=revision)
+
+
+def _loading_report(model_cls: Any, name: str, revision: str | None) -> str:
+    """What transformers could not load of ``name`` as ``model_cls``: '' when all of it."""
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {} if os.path.isdir(name) else {"revision": revision}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of missing keys: summarised below instead
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_cls.from_pretrained(name, use_safetensors=True, output_loading_info=True, **kwargs)
+    except Exception as exc:  # shapes that do not fit, a file cut short
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    del model
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing ({_by_module(missing)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} of another shape ({_by_module([m[0] for m in mismatched])})")
+    return "; ".join(parts)
+
+
+def _by_module(keys: list[str], shown: int = 4) -> str:
+    """``text_encoder: 60, itm_head: 2``: weights counted by their top module."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        top = k.split(".")[0]
+        counts[top] = counts.get(top, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{m}: {n}" for m, n in ranked[:shown])
+    return text + (", ..." if len(ranked) > shown else "")
+
+
 def _read_config(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -91,9 +184,13 @@ def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str)
 
     hf_logging.disable_progress_bar()
     kwargs = {} if os.path.isdir(name) else {"revision": revision}
-    model = model_cls.from_pretrained(
-        name, use_safetensors=True, dtype=torch_dtype(dtype, device), **kwargs
+    model, info = model_cls.from_pretrained(
+        name, use_safetensors=True, dtype=torch_dtype(dtype, device), output_loading_info=True, **kwargs
     )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # the driver checked (check_loads_whole); the files may have changed since
+        raise ValueError(f"{name} does not load whole as {model_cls.__name__}: {len(missing)} weights "
+                         f"missing ({_by_module(missing)})")
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     image_processor = load_image_processor(BlipImageProcessorPil, name, model.config, kwargs)
