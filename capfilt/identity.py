@@ -42,15 +42,26 @@ def refuse_if_changed(url: str, record: dict[str, Any] | None, identity: dict[st
 
 def output_identity(config, weights: dict[str, str | None]) -> dict[str, Any]:
     """Everything that changes the output's bytes: the model, reader and writer sections, the
-    runtime settings above, the identity of each slot's weights (hub commit or a hash of the
+    runtime settings above and the device kind, the identity of each slot's weights (hub commit or a hash of the
     local files) and capfilt's output revision. Not the input, the output or the placement."""
     d = config.to_dict()
     return {
         **{section: d[section] for section in ("captioner", "filter", "reader", "writer")},
-        "runtime": {key: d["runtime"][key] for key in RUNTIME_KEYS},
+        "runtime": {**{key: d["runtime"][key] for key in RUNTIME_KEYS}, "device": output_device(config.runtime)},
         "weights": dict(weights),
         "output_revision": OUTPUT_REVISION,
     }
+
+
+def output_device(runtime) -> str:
+    """The kind of device the workers compute on: CPU and CUDA draw different captions from one
+    seed. ``auto`` is resolved here for a run on this machine; on a cluster it stays ``auto``
+    (the workers' machines decide), so set ``runtime.device`` there to pin it."""
+    if runtime.device != "auto" or runtime.ray_address is not None:
+        return runtime.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fingerprint(identity: dict[str, Any]) -> str:

@@ -31,14 +31,20 @@ def test_the_fingerprint_covers_what_changes_the_output(override):
     assert fp([override]) != fp()
 
 
+def test_the_fingerprint_covers_the_device_kind():
+    assert fp(["runtime.device=cuda"]) != fp(["runtime.device=cpu"])
+    assert fp(["runtime.device=auto"]) == fp(["runtime.device=cpu"])  # this machine has no GPU
+
+
 def test_the_fingerprint_covers_the_weights():
     assert fp(weights={**WEIGHTS, "filter": "sha256:ccc"}) != fp()
 
 
 def test_the_fingerprint_ignores_placement_input_and_output():
-    moved = fp(["runtime.num_workers=7", "runtime.ray_address=10.0.0.1:6379", "runtime.decode_threads=5"],
-               input="other/{0..9}.tar", output="elsewhere")
+    moved = fp(["runtime.num_workers=7", "runtime.decode_threads=5"], input="other/{0..9}.tar", output="elsewhere")
     assert moved == fp()
+    # A cluster's machines decide what 'auto' is; a pinned device is the same anywhere.
+    assert fp(["runtime.device=cpu", "runtime.ray_address=10.0.0.1:6379"]) == fp(["runtime.device=cpu"])
 
 
 def test_changes_name_each_key_that_differs():
