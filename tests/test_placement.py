@@ -51,7 +51,8 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=4, include_dashboard=False, **LOOPBACK))
+    cluster = Cluster(initialize_head=True,
+                      head_node_args=dict(num_cpus=4, include_dashboard=False, **LOOPBACK))
     try:
         cluster.add_node(num_cpus=1, **LOOPBACK)
         ray.init(address=cluster.address)

