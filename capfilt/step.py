@@ -22,7 +22,7 @@ from capfilt.io.reader import read_shard
 from capfilt.io.writer import ShardWriter
 from capfilt.models.captioner import Captioner, batch_seed
 from capfilt.models.itm_filter import ITMFilter
-from capfilt.models.loading import resolve_device, torch_dtype
+from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
 from capfilt.prefetch import prefetch_batches
 from capfilt.runtime.shards import ShardTask
 from capfilt.redaction import redact_text
@@ -106,7 +106,9 @@ class CapFiltStep:
         if good:
             try:
                 self._judge(good, seed)
-            except Exception:
+            except Exception as exc:
+                if poisons_device(exc):  # no sample of it would be judged: the worker must go
+                    raise
                 self._judge_one_by_one(good, seed)
         for sample in batch:
             sample.pixels = None  # free the tensors before the sample is written

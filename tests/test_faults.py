@@ -266,6 +266,37 @@ def test_workers_dying_for_good_stop_the_run_with_the_reason(tmp_path):
     assert all(e.startswith("no worker left") for e in errors[2:]), errors
 
 
+def test_a_cuda_error_ends_its_worker_and_the_shard_is_redone_on_a_fresh_one(tmp_path):
+    """A device-side assert poisons the process's CUDA context: the worker must exit, not take
+    the next shard. Raised here on CPU with CUDA's message, once, by the first worker."""
+    from capfilt.config import RuntimeConfig
+    from capfilt.runtime.executor import RayExecutor
+    from capfilt.runtime.shards import ShardTask
+
+    class Done:
+        def __init__(self):
+            self.pid = os.getpid()
+
+        def counts(self):
+            return {"samples": 1}
+
+    flag = tmp_path / "asserted"
+
+    class AssertingStep:  # defined here so that Ray pickles it by value
+        def run(self, task, report=None, worker=None):
+            if not flag.exists():
+                flag.write_text(str(os.getpid()))
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return Done()
+
+    runtime = RuntimeConfig(num_workers=1, cpus_per_worker=1, max_task_retries=0, shard_attempts=2)
+    tasks = [ShardTask(url=f"in/{i}.tar", name=f"{i:05d}", output=str(tmp_path)) for i in range(3)]
+    results = {r.task.name: r for r in RayExecutor(AssertingStep, runtime).run(tasks)}
+    assert all(r.ok for r in results.values()), [r.error for r in results.values()]
+    first = int(flag.read_text())
+    assert all(r.stats.pid != first for r in results.values())  # no shard ran on the poisoned worker
+
+
 def test_a_hung_shard_is_abandoned_retried_and_reported_while_the_rest_complete(tmp_path):
     from capfilt.config import RuntimeConfig
     from capfilt.runtime.executor import RayExecutor

@@ -27,6 +27,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def poisons_device(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA error (a device-side assert, an illegal address): it leaves the
+    process's CUDA context unusable, so every later call in it fails the same way."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+
+
 def torch_dtype(name: str, device: str):
     import torch
 

@@ -291,7 +291,7 @@ class _Worker:
         try:
             stats = self.step.run(task, report, worker)
         except Exception as exc:
-            if False:  # BROKEN
+            if poisons_device(exc):
                 # A CUDA error leaves this process's CUDA context unusable: every later shard
                 # would fail on it. Die, so that Ray (or the run) replaces the worker and the
                 # shard is tried again on a fresh process.
