@@ -94,6 +94,11 @@ class FilterConfig:
     max_text_tokens: TextTokens = 35
     # How the output .txt is chosen among the kept texts.
     selection: Literal["best_score", "prefer_web"] = "best_score"
+    # The text's first token as the ITM head reads it. enc: [ENC] in place of [CLS], as BLIP
+    # trained and scores its ITM head (blip_retrieval.py); cls: [CLS], as transformers'
+    # BlipForImageTextRetrieval feeds it. auto: the token `capfilt finetune` recorded in the
+    # checkpoint's config.json, else enc (every BLIP retrieval checkpoint was trained with [ENC]).
+    first_token: Literal["auto", "enc", "cls"] = "auto"
 
 
 @dataclass(config=STRICT)

@@ -52,25 +52,36 @@ def sharp_itm(sharp_filter):
     return ITMFilter(FilterConfig(model=sharp_filter), "cpu", "float32")
 
 
-def per_pair_scores(itm, pv, text, **tokenize):
-    """transformers' own forward of ``text`` against each image of ``pv``: one score per image."""
+@pytest.fixture(scope="module")
+def sharp_itm_cls(sharp_filter):
+    return ITMFilter(FilterConfig(model=sharp_filter, first_token="cls"), "cpu", "float32")
+
+
+def per_pair_scores(itm, pv, text, first_token, **tokenize):
+    """transformers' own forward of ``text`` against each image of ``pv``: one score per image.
+    ``cls``: the forward as it is; ``enc``: with the first token replaced by the tokenizer's
+    [ENC], as salesforce/BLIP's blip_retrieval.py does (``encoder_input_ids[:,0] = enc_token_id``)."""
     tokens = itm.tokenizer(text, return_tensors="pt", **tokenize)
+    input_ids = tokens.input_ids.clone()
+    assert input_ids[0, 0] == itm.tokenizer.cls_token_id
+    if first_token == "enc":
+        input_ids[:, 0] = itm.tokenizer.convert_tokens_to_ids("[ENC]")
     n = pv.shape[0]
     with torch.no_grad():
-        logits = itm.model(input_ids=tokens.input_ids.repeat(n, 1), attention_mask=tokens.attention_mask.repeat(n, 1),
+        logits = itm.model(input_ids=input_ids.repeat(n, 1), attention_mask=tokens.attention_mask.repeat(n, 1),
                            pixel_values=pv, use_itm_head=True).itm_score
     return torch.softmax(logits, dim=-1)[:, 1]
 
 
-def assert_scores_equal_per_pair(itm, pv, texts, got, tolerance, **tokenize):
-    """Each score equals the per-pair forward against its own image, and differs from the
-    forward against every other image by at least 100 tolerances: a text scored against the
-    wrong image fails here."""
+def assert_scores_equal_per_pair(itm, pv, texts, got, tolerance, first_token, **tokenize):
+    """Each score equals the per-pair forward (with ``first_token`` first) against its own
+    image, and differs from the forward against every other image by at least 100
+    tolerances: a text scored against the wrong image fails here."""
     assert [len(s) for s in got] == [len(t) for t in texts]
     gaps = []
     for i, image_texts in enumerate(texts):
         for text, score in zip(image_texts, got[i]):
-            reference = per_pair_scores(itm, pv, text, **tokenize)
+            reference = per_pair_scores(itm, pv, text, first_token, **tokenize)
             assert score == pytest.approx(reference[i].item(), abs=tolerance), (i, text)
             gaps.append(min(abs(reference[i] - reference[j]).item() for j in range(len(pv)) if j != i))
     assert min(gaps) >= 100 * tolerance, f"the scores barely depend on the image: gaps {gaps}"
@@ -82,13 +93,105 @@ def pixels(processor, colours=("red", "blue", "green")):
                                       for im in images]))
 
 
-def test_filter_scores_equal_per_pair_retrieval_forward(sharp_itm):
+PARITY_TEXTS = [["a red square", "a blue circle on the left", ""],
+                ["blue", "a very long text " * 20],
+                ["green triangle", "a green square in the middle of a large picture of the sky"]]
+
+
+@pytest.mark.parametrize("first_token", ["enc", "cls"])
+def test_filter_scores_equal_per_pair_retrieval_forward(sharp_itm, sharp_itm_cls, first_token):
+    """cls: BlipForImageTextRetrieval's forward as it is; enc (the default, BLIP's): the same
+    forward with the text's first token replaced by [ENC]."""
+    itm = {"enc": sharp_itm, "cls": sharp_itm_cls}[first_token]
+    assert itm.first_token == first_token
+    pv = pixels(itm.image_processor)
+    scores = itm(pv, PARITY_TEXTS)
+    assert_scores_equal_per_pair(itm, pv, PARITY_TEXTS, scores, 1e-4, first_token, truncation=True, max_length=35)
+
+
+def test_enc_and_cls_scores_differ(sharp_itm, sharp_itm_cls):
+    """The setting changes what the filter scores: on this model by far more than the parity
+    tolerance, for every text."""
     pv = pixels(sharp_itm.image_processor)
-    texts = [["a red square", "a blue circle on the left", ""],
-             ["blue", "a very long text " * 20],
-             ["green triangle", "a green square in the middle of a large picture of the sky"]]
-    scores = sharp_itm(pv, texts)
-    assert_scores_equal_per_pair(sharp_itm, pv, texts, scores, 1e-4, truncation=True, max_length=35)
+    enc, cls = torch.tensor(sharp_itm(pv, [["a red square", "blue", ""]] * 3)), \
+        torch.tensor(sharp_itm_cls(pv, [["a red square", "blue", ""]] * 3))
+    assert (enc - cls).abs().min() > 100 * 1e-4, (enc, cls)
+
+
+def with_record(folder, tmp_path, name, record):
+    """A copy of checkpoint ``folder`` whose config.json records ``record`` as the ITM first
+    token it was trained with, as ``capfilt finetune filter`` writes it."""
+    import json
+    import shutil
+
+    from capfilt.models.loading import ITM_FIRST_TOKEN_KEY
+
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config[ITM_FIRST_TOKEN_KEY] = record
+    (copy / "config.json").write_text(json.dumps(config))
+    return str(copy)
+
+
+def test_auto_takes_the_token_the_checkpoint_records_else_enc(sharp_filter, sharp_itm, sharp_itm_cls, tmp_path):
+    pv = pixels(sharp_itm.image_processor)
+    texts = [["a red square", "blue"]] * 3
+    assert sharp_itm.cfg.first_token == "auto" and sharp_itm.first_token == "enc"  # nothing recorded
+    recorded_cls = with_record(sharp_filter, tmp_path, "cls", "cls")
+    auto = ITMFilter(FilterConfig(model=recorded_cls), "cpu", "float32")
+    assert auto.first_token == "cls" and auto(pv, texts) == sharp_itm_cls(pv, texts)
+    recorded_enc = with_record(sharp_filter, tmp_path, "enc", "enc")
+    assert ITMFilter(FilterConfig(model=recorded_enc), "cpu", "float32")(pv, texts) == sharp_itm(pv, texts)
+    # A setting other than auto wins over the record.
+    assert ITMFilter(FilterConfig(model=recorded_cls, first_token="enc"), "cpu", "float32").first_token == "enc"
+    with pytest.raises(ValueError, match="records capfilt_itm_first_token='sep'"):
+        ITMFilter(FilterConfig(model=with_record(sharp_filter, tmp_path, "bad", "sep")), "cpu", "float32")
+
+
+def without_enc(folder, tmp_path):
+    """A copy of checkpoint ``folder`` whose tokenizer is BERT's without [ENC]: the ids stay."""
+    import shutil
+
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    copy = tmp_path / "no_enc"
+    shutil.copytree(folder, copy)
+    vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
+    words = sorted(vocab, key=vocab.get)
+    assert words.index("[ENC]") == vocab["[ENC]"]
+    words[vocab["[ENC]"]] = "[unused0]"
+    for f in copy.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab")):
+            f.unlink()
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(copy)
+    return str(copy)
+
+
+def test_a_tokenizer_without_enc_is_refused_naming_the_checkpoint(tiny_models, tmp_path):
+    from capfilt.models.loading import check_checkpoint, check_itm_first_token
+
+    folder = without_enc(tiny_models[1], tmp_path)
+    message = rf"filter.model: {folder}'s tokenizer has no \[ENC\] token.*filter.first_token: cls"
+    with pytest.raises(ValueError, match=message):
+        ITMFilter(FilterConfig(model=folder), "cpu", "float32")
+    # The same refusal before any worker loads the model.
+    config = check_checkpoint("filter.model", folder)
+    with pytest.raises(ValueError, match=message):
+        check_itm_first_token("filter.model", folder, None, "auto", config)
+    assert check_itm_first_token("filter.model", folder, None, "cls", config) == "cls"
+    assert ITMFilter(FilterConfig(model=folder, first_token="cls"), "cpu", "float32").first_token == "cls"
+    assert check_itm_first_token("filter.model", tiny_models[1], None, "auto", config) == "enc"
+
+
+def test_an_enc_id_past_the_vocabulary_is_refused(itm):
+    from capfilt.models.loading import itm_first_token
+
+    enc = itm.tokenizer.convert_tokens_to_ids("[ENC]")
+    assert itm_first_token("enc", itm.tokenizer, {"text_config": {"vocab_size": enc + 1}}, "k", "m") == ("enc", enc)
+    with pytest.raises(ValueError, match=rf"k: m's tokenizer gives \[ENC\] the id {enc}, past"):
+        itm_first_token("enc", itm.tokenizer, {"text_config": {"vocab_size": enc}}, "k", "m")
 
 
 def test_filter_scores_differ_between_images_and_texts(itm):
@@ -258,7 +361,7 @@ def test_itm_scores_with_uneven_texts_per_image_equal_per_pair_forward(sharp_itm
     texts = [["a red square", "blue"], [], ["green circle on a plain background", "x", "a b c"]]
     got = sharp_itm(pv, texts)
     assert [len(t) for t in got] == [2, 0, 3]
-    assert_scores_equal_per_pair(sharp_itm, pv, texts, got, 1e-5)
+    assert_scores_equal_per_pair(sharp_itm, pv, texts, got, 1e-5, "enc")
 
 
 def test_a_huge_web_text_is_cut_before_it_is_tokenized(itm, monkeypatch):

@@ -5,11 +5,20 @@ pair. Here the vision encoder runs once per image, and all texts of a batch go
 through the text encoder in one padded batch against their image's embedding,
 whose cross-attention keys and values are projected once per image (shared_kv);
 the scores equal the per-pair forward's (a test checks to 1e-4).
+
+The text's first token is [ENC], as BLIP trained and scores its ITM head, or [CLS], as
+``BlipForImageTextRetrieval`` feeds it: ``filter.first_token`` (``loading.itm_first_token``).
 """
 
 from __future__ import annotations
 
+import logging
+
 from capfilt.config import FilterConfig
+from capfilt.models import shared_kv
+from capfilt.models.loading import itm_first_token, load_blip
+
+log = logging.getLogger(__name__)
 
 # A token never needs more characters than this: a text is cut here, its whitespace runs
 # collapsed first, before it is tokenized (a 60 MB web text is otherwise tokenized whole, only
@@ -21,8 +30,6 @@ def bounded(text: str, max_tokens: int) -> str:
     """``text`` as far as its first ``max_tokens`` tokens can reach."""
     limit = max_tokens * CHARS_PER_TOKEN
     return text if len(text) <= limit else " ".join(text[: 4 * limit].split())[:limit]
-from capfilt.models import shared_kv
-from capfilt.models.loading import load_blip
 
 
 class ITMFilter:
@@ -34,6 +41,9 @@ class ITMFilter:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.image_processor = self.loaded.image_processor
+        self.first_token, self.first_token_id = itm_first_token(
+            cfg.first_token, self.tokenizer, self.model.config.to_dict(), "filter.model", cfg.model)
+        log.info("filter %s: ITM reads the text with [%s] first", cfg.model, self.first_token.upper())
         self.shared_layers = shared_kv.install(self.model.text_encoder)
         shared_kv.install_vision(self.model.vision_model)
 
@@ -50,6 +60,8 @@ class ITMFilter:
                 [bounded(t, self.cfg.max_text_tokens) for _, t in pairs], padding="longest", truncation=True,
                 max_length=self.cfg.max_text_tokens, return_tensors="pt",
             ).to(self.device)
+            if self.first_token_id is not None:
+                tokens.input_ids[:, 0] = self.first_token_id  # [ENC] in place of [CLS]
             index = torch.tensor([i for i, _ in pairs], device=image_embeds.device)
             with shared_kv.repeated_states(self.shared_layers, image_embeds, index) as encoder_states:
                 hidden = self.model.text_encoder(

@@ -252,3 +252,51 @@ def checkpoint_digest(name: str) -> str | None:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+# The ITM head's first token. BLIP trained (blip_retrieval.py, blip_pretrain.py) and scores
+# (train_retrieval.py, LAVIS) its ITM head with the text's [CLS] replaced by [ENC];
+# transformers' BlipForImageTextRetrieval feeds [CLS]. ITC keeps [CLS] in both.
+ENC_TOKEN = "[ENC]"
+# What `capfilt finetune filter` writes into the config.json of the checkpoints it saves: the
+# first token (enc or cls) its ITM head was trained with. transformers keeps the attribute.
+ITM_FIRST_TOKEN_KEY = "capfilt_itm_first_token"
+FIRST_TOKENS = ("enc", "cls")
+
+
+def itm_first_token(setting: str, tokenizer, config: dict[str, Any], key: str, name: str
+                    ) -> tuple[str, int | None]:
+    """(token, id): the first token ITM reads, ``enc`` or ``cls``, and the id that replaces
+    the text's [CLS] (None for ``cls``: [CLS] stays). ``auto`` is the token recorded in the
+    checkpoint's ``config`` (``ITM_FIRST_TOKEN_KEY``), else ``enc``. Raises ValueError naming
+    ``key`` and checkpoint ``name`` when ``enc`` is wanted and the tokenizer has no [ENC], or
+    its id is past the model's vocabulary."""
+    recorded = config.get(ITM_FIRST_TOKEN_KEY)
+    if recorded is not None and recorded not in FIRST_TOKENS:
+        raise ValueError(f"{key}: {name}'s config.json records {ITM_FIRST_TOKEN_KEY}={recorded!r}, "
+                         f"not one of {', '.join(FIRST_TOKENS)}")
+    token = (recorded or "enc") if setting == "auto" else setting
+    if token == "cls":
+        return token, None
+    token_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+    if ENC_TOKEN not in tokenizer.get_vocab() or token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"{key}: {name}'s tokenizer has no {ENC_TOKEN} token, the first token BLIP "
+                         f"trained its ITM head with; give a tokenizer with BLIP's {ENC_TOKEN} (salesforce/"
+                         "BLIP's init_tokenizer adds it after [DEC]), or set filter.first_token: cls to "
+                         "score with [CLS] as transformers' BlipForImageTextRetrieval does")
+    vocab_size = (config.get("text_config") or {}).get("vocab_size")
+    if vocab_size is not None and token_id >= vocab_size:
+        raise ValueError(f"{key}: {name}'s tokenizer gives {ENC_TOKEN} the id {token_id}, past the "
+                         f"text model's {vocab_size} embeddings")
+    return token, token_id
+
+
+def check_itm_first_token(key: str, name: str, revision: str | None, setting: str,
+                          config: dict[str, Any]) -> str:
+    """``itm_first_token`` before workers start, from the checkpoint's tokenizer and its
+    ``config`` (``check_checkpoint``'s answer): the token ITM will read."""
+    from transformers import AutoTokenizer
+
+    kwargs = {} if os.path.isdir(os.path.expanduser(name)) else {"revision": revision}
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name), **kwargs)
+    return itm_first_token(setting, tokenizer, config, key, name)[0]
