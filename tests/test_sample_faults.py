@@ -1,8 +1,10 @@
 """One sample can only cost itself (issue 13): a fault while one sample is decoded, judged or
 written becomes its error row and the shard completes; a fault of every sample is the shard's."""
 
+import random
 import tarfile
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,10 +12,10 @@ from conftest import image_bytes, write_shard
 
 from capfilt.config import ReaderConfig, load_config
 from capfilt.io.fs import OutputDir
-from capfilt.io.reader import MAX_HEADER_BYTES, read_shard
+from capfilt.io.reader import MAX_HEADER_BYTES, ShardReadError, read_shard, split_key
 from capfilt.io.writer import ShardWriter
 from capfilt.runtime.shards import plan_shards
-from capfilt.sample import KEPT, Sample
+from capfilt.sample import ERROR, KEPT, Sample
 from capfilt.step import CapFiltStep
 
 
@@ -194,6 +196,116 @@ def test_a_tar_cut_in_or_after_a_skipped_header_is_truncated(tmp_path, cut):
     skipped = header("pax", tarfile.XHDTYPE, pax(comment=b"x" * 2 * MAX_HEADER_BYTES))[:cut]
     errors = read_tar(tmp_path, sample_members("a"), sample_members("b"), skipped, end=b"")
     assert errors["a"] is None and "tar truncated or corrupt" in errors["b"]
+
+
+# --- A damaged stretch of the tar ---------------------------------------------------------------
+# tarfile ends the archive at the first invalid header: every sample after it was lost, unreported.
+
+
+def eight_samples(tmp_path) -> tuple[Path, list[dict], list[tarfile.TarInfo]]:
+    """A shard as webdataset writes it (a PAX header before each member), what it holds, its members."""
+    written = [{"key": f"k{i}", "jpg": image_bytes("red", seed=i), "txt": f"text {i}", "json": {"i": i}}
+               for i in range(8)]
+    path = Path(write_shard(tmp_path / "00000.tar", written))
+    with tarfile.open(path) as tar:
+        return path, written, tar.getmembers()
+
+
+BLOCK_DAMAGE = {
+    "checksum": lambda block: block[:150] + bytes([block[150] ^ 1]) + block[151:],  # a digit of it
+    "name": lambda block: bytes([block[0] ^ 0x20]) + block[1:],  # so the checksum fails
+    "zeroed": lambda block: bytes(tarfile.BLOCKSIZE),
+}
+
+
+def damage(path: Path, members: list[tarfile.TarInfo], name: str, how: str, where: str = "header"):
+    """Damage ``name``'s ``header`` (or the PAX header before it) in place, or insert garbage
+    before it. Returns the stretch the reader must read past, (start, end), and the member lost."""
+    data, i = path.read_bytes(), next(i for i, m in enumerate(members) if m.name == name)
+    member = members[i]
+    if how == "garbage":
+        junk = random.Random(13).randbytes(3 * tarfile.BLOCKSIZE)
+        path.write_bytes(data[:member.offset] + junk + data[member.offset:])
+        return (member.offset, member.offset + len(junk)), None
+    block = tarfile.BLOCKSIZE
+    at = member.offset if where == "pax_header" else member.offset_data - block
+    path.write_bytes(data[:at] + BLOCK_DAMAGE[how](data[at:at + block]) + data[at + block:])
+    if where == "pax_header":  # read past with its payload; the member's own header follows, intact
+        return (member.offset, at + 2 * block), None
+    last = member.offset_data + -(-member.size // block) * block  # the end of its data blocks
+    return (member.offset, members[i + 1].offset if i + 1 < len(members) else last), name
+
+
+def stretch_of(start: int, end: int) -> tuple[str, str]:
+    """The key of a stretch's error row, and how its error and the notes beside it name it."""
+    return f"(damaged tar: bytes {start}-{end})", f"{end - start} bytes at byte {start}"
+
+
+DAMAGES = [(how, where, name) for how in BLOCK_DAMAGE for where in ("header", "pax_header")
+           for name in ("k4.jpg", "k4.txt")] + [("garbage", "before", name) for name in ("k4.jpg", "k4.txt")]
+
+
+@pytest.mark.parametrize("how, where, name", DAMAGES, ids=["-".join(d) for d in DAMAGES])
+def test_a_damaged_header_costs_only_its_member(tmp_path, how, where, name):
+    path, written, members = eight_samples(tmp_path)
+    (start, end), lost = damage(path, members, name, how, where)
+    samples = {s.key: s for s in read_shard(str(path))}
+    key, where = stretch_of(start, end)
+    assert set(samples) == {w["key"] for w in written} | {key}
+    assert samples[key].status == ERROR and f"00000.tar: damaged tar: {where} hold" in samples[key].error
+    for w in written:
+        sample = samples[w["key"]]
+        if lost == f"{w['key']}.jpg":  # the sample that lost its image, and says why
+            assert sample.status == ERROR and f"follows a damaged stretch of the tar ({where})" in \
+                sample.error
+            continue
+        assert sample.error is None and sample.image == w["jpg"] and sample.meta == w["json"], w["key"]
+        assert sample.web_text == (None if lost == f"{w['key']}.txt" else w["txt"])
+    # The sample after the stretch says it may have lost a member to it.
+    after = samples[split_key(next(m for m in members if m.offset >= end).name if lost else name)[0]]
+    assert f"follows a damaged stretch of the tar ({where})" in "; ".join(after.notes) + (after.error or "")
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_a_damaged_first_or_last_header_costs_only_its_member(tmp_path, which):
+    path, written, members = eight_samples(tmp_path)
+    name = {"first": "k0.jpg", "last": "k7.txt"}[which]
+    (start, end), _ = damage(path, members, name, "checksum")
+    samples = {s.key: s for s in read_shard(str(path))}
+    errors = {key: s.error for key, s in samples.items() if s.error}
+    key, where = stretch_of(start, end)
+    assert set(errors) == ({key, "k0"} if which == "first" else {key})  # k0 lost its image
+    read_to = "the next valid header" if which == "first" else "the end"
+    assert f"{where} hold no valid header; read past them to {read_to}" in errors[key]
+    assert len(samples) == 9 and samples["k7"].web_text == (None if which == "last" else "text 7")
+
+
+@pytest.mark.parametrize("end", [b"", bytes(2 * tarfile.BLOCKSIZE), bytes(40 * tarfile.BLOCKSIZE)],
+                         ids=["no_end_marker", "end_marker", "long_padding"])
+def test_the_end_of_a_tar_is_no_damage(tmp_path, end):
+    errors = read_tar(tmp_path, sample_members("a"), sample_members("b"), end=end)
+    assert errors == {"a": None, "b": None}
+
+
+def test_a_file_with_no_tar_header_is_no_tar(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(random.Random(13).randbytes(40 * tarfile.BLOCKSIZE))
+    with pytest.raises(ShardReadError, match="not a readable tar: no tar header in its 20480 bytes"):
+        list(read_shard(str(tmp_path / "00000.tar")))
+
+
+def test_a_damaged_header_is_one_error_row_and_the_counts_add_up(step, tmp_path):
+    path, written, members = eight_samples(tmp_path)
+    (start, end), _ = damage(path, members, "k4.txt", "checksum")
+    stats = step.run(plan_shards([str(path)], str(tmp_path / "out"))[0])
+    got = rows(tmp_path)
+    errors = {key: row["error"] for key, row in got.items() if row["status"] == "error"}
+    key, where = stretch_of(start, end)
+    assert list(errors) == [key] and f"00000.tar: damaged tar: {where} hold no valid header" in errors[key]
+    assert set(got) - {key} == {w["key"] for w in written}
+    assert f"precedes a damaged stretch of the tar ({where})" in got["k4"]["notes"]  # its .txt
+    assert f"follows a damaged stretch of the tar ({where})" in got["k5"]["notes"]
+    assert (stats.samples, stats.error) == (9, 1)
+    assert stats.samples == stats.kept + stats.dropped + stats.error
 
 
 # --- The sidecar parquet -----------------------------------------------------------------------

@@ -4,6 +4,11 @@ The tar is read in stream mode (``r|*``), so memory holds one sample, never the
 whole shard; gzip-compressed shards are read the same way. Member data is only
 ever read into memory: nothing is extracted to disk, and nothing is unpickled.
 The headers before a member are read within bounds too (``BoundedTarInfo``).
+
+Damage does not end the read: where a header is due but the block holds none (a flipped
+byte, garbage, a zeroed block), ``tarfile``'s ``ignore_zeros`` reads on block by block to the
+next valid header. Each such stretch becomes one error sample of its own, and the samples
+either side of it are noted (``_Gap``).
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def read_shard(url: str, options: ReaderConfig | None = None) -> Iterator[Sample
 
     Opening the shard can raise (missing file, network): that is a shard failure for
     the caller to retry. A tar that ends in the middle of a member yields the
-    samples before it and one error sample for the cut-off key.
+    samples before it and one error sample for the cut-off key. A damaged stretch
+    (no valid header where one is due) is read past: one error sample stands for it,
+    and the samples after it are read as usual.
     """
     options = options or ReaderConfig()
     with open_read(url) as stream, contextlib.closing(Sidecar(url)) as sidecar:
@@ -199,26 +206,28 @@ class _Group:
 def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
     seen: set[str] = set()
     group: _Group | None = None
+    gap: _Gap | None = None  # a damaged stretch just read past, until the samples beside it are noted
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_tarinfo_class(header_limit(options)))
+        tar = ResyncingTar.open(fileobj=stream, mode="r|*", tarinfo=_tarinfo_class(header_limit(options)),
+                                ignore_zeros=True)
         for info in tar:
             tar.members = []  # stream mode: keep no history of members, read or skipped
+            if tar.gap is not None:
+                if gap is not None:  # only directories between the two
+                    yield gap.sample(url)
+                gap, tar.gap = tar.gap, None
             if info.isdir():
                 continue
             key, ext = split_key(info.name)
             if group is None or key != group.key:
                 if group is not None:
-                    yield _assemble(group, seen, url, options)
+                    yield _assemble(_beside(gap, group, "precedes"), seen, url, options)
                 group = _Group(key)
-            # Memory per key is bounded: only the members a sample is made of are read, once each.
-            if info.fault:
-                group.fault = group.fault or f"member {info.name!r}: {info.fault}"
-                continue
-            skipped = _why_skipped(info, ext, group, options)
-            if skipped:
-                group.note(skipped)
-                continue
-            group.members[ext] = tar.extractfile(info).read()
+            if gap is not None:  # its own error row, in its place between the samples
+                yield gap.sample(url)
+                _beside(gap, group, "follows")
+                gap = None
+            _add_member(group, info, ext, tar, options)
     except (tarfile.TarError, EOFError) as exc:
         if group is None:
             raise ShardReadError(f"{url}: not a readable tar: {exc}") from exc
@@ -226,8 +235,34 @@ def _read_stream(stream, url: str, options: ReaderConfig) -> Iterator[Sample]:
         log.warning("%s: tar is truncated or corrupt after key %r: %s", url, cut, exc)
         yield Sample(key=cut, source=url).fail(f"tar truncated or corrupt in {url} at key {cut!r}: {exc}")
         return
+    yield from _read_to_the_end(tar, group, gap, seen, url, options)
+
+
+def _add_member(group: _Group, info: tarfile.TarInfo, ext: str, tar: tarfile.TarFile,
+                options: ReaderConfig) -> None:
+    """Read one member into its sample, or note why not. Memory per key is bounded: only the
+    members a sample is made of are read, once each."""
+    if info.fault:
+        group.fault = group.fault or f"member {info.name!r}: {info.fault}"
+        return
+    skipped = _why_skipped(info, ext, group, options)
+    if skipped:
+        group.note(skipped)
+        return
+    group.members[ext] = tar.extractfile(info).read()
+
+
+def _read_to_the_end(tar: ResyncingTar, group: _Group | None, pending: _Gap | None, seen: set[str],
+                     url: str, options: ReaderConfig) -> Iterator[Sample]:
+    """The last sample, and the damaged stretch the tar ends in, if any (not its end-of-archive
+    zeros). A file in which no header was found at all is no tar: a fault of the shard.
+    ``pending``: a stretch followed by directories only."""
+    gap = tar.gap
+    if gap is not None and group is None and pending is None:
+        raise ShardReadError(f"{url}: not a readable tar: no tar header in its {gap.end} bytes")
     if group is not None:
-        yield _assemble(group, seen, url, options)
+        yield _assemble(_beside(pending or gap, group, "precedes"), seen, url, options)
+    yield from (stretch.sample(url) for stretch in (pending, gap) if stretch is not None)
 
 
 def _why_skipped(info: tarfile.TarInfo, ext: str, group: _Group, options: ReaderConfig) -> str | None:
@@ -273,6 +308,62 @@ def _assemble(group: _Group, seen: set[str], url: str, options: ReaderConfig) ->
         sample.notes = notes
         log.info("%s: %s: %s", url, key, "; ".join(notes))
     return sample
+
+
+# --- Reading past damage ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Gap:
+    """A stretch of the tar where a header was due and none was: read past, block by block, to
+    the next valid header (or to the end). Whatever members it held are lost; it becomes one
+    error sample of its own, and the samples either side of it are noted."""
+
+    start: int
+    end: int
+    followed: bool  # by a valid header, or else by the end of the tar
+
+    def where(self) -> str:
+        return f"{self.end - self.start} bytes at byte {self.start}"
+
+    def sample(self, url: str) -> Sample:
+        # Names the stretch, not a sample of the tar; holds no '/', so it cannot name a path.
+        key = f"(damaged tar: bytes {self.start}-{self.end})"
+        return Sample(key=key, source=url).fail(
+            f"{url}: damaged tar: {self.where()} hold no valid header; read past them to "
+            f"{'the next valid header' if self.followed else 'the end'}: any member in them is lost")
+
+
+def _beside(gap: _Gap | None, group: _Group, side: str) -> _Group:
+    """``group``, noted if it lies beside ``gap``: it may have lost a member to it."""
+    if gap is not None:
+        group.note(f"{side} a damaged stretch of the tar ({gap.where()}): it may have lost a member")
+    return group
+
+
+class ResyncingTar(tarfile.TarFile):
+    """``tarfile`` that reads on past damage (with ``ignore_zeros``) and keeps where it did.
+
+    ``gap`` is the damaged stretch read past before the member just read, or before the end;
+    a stretch of zero blocks alone (the end-of-archive marker and its padding) is none.
+    """
+
+    gap: _Gap | None = None
+    _skipping: tuple[int, int, int | None] | None = None  # (start, end, end of its last non-zero block)
+
+    def read_past(self, start: int, end: int, damaged: bool) -> None:
+        """``BoundedTarInfo`` read no header in ``start``-``end``; ``tarfile`` reads on after it."""
+        first, _, damaged_end = self._skipping or (start, end, None)
+        self._skipping = (first, end, end if damaged else damaged_end)
+
+    def next(self):
+        member = super().next()
+        first, end, damaged_end = self._skipping or (0, 0, None)
+        self._skipping = None
+        if damaged_end is not None:
+            # Before a member, the whole stretch; at the end, up to its last damaged block.
+            self.gap = _Gap(first, end if member is not None else damaged_end, followed=member is not None)
+        return member
 
 
 # --- The headers before a member, read within bounds -----------------------------------------
@@ -328,11 +419,26 @@ class BoundedTarInfo(tarfile.TarInfo):
             return f"{kind} of {self.size} bytes, over the limit of {self.header_limit}"
         return None
 
+    @classmethod
+    def fromtarfile(cls, archive):
+        """The next member, as ``tarfile`` reads it; where it reads no valid header (its
+        ``ignore_zeros`` then reads on), ``archive`` is told, if it is a ``ResyncingTar``."""
+        start = archive.fileobj.tell()
+        try:
+            return super().fromtarfile(archive)
+        except (tarfile.EOFHeaderError, tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            if isinstance(archive, ResyncingTar):
+                archive.read_past(start, archive.fileobj.tell(), not isinstance(exc, tarfile.EOFHeaderError))
+            raise
+
     def _read_header(self, archive) -> BoundedTarInfo:
-        """The header block after this extension header's payload, not processed yet."""
+        """The header block after this extension header's payload, not processed yet. An invalid
+        one is damage (``ignore_zeros`` reads on after it); none at all, a truncated tar."""
         block = archive.fileobj.read(tarfile.BLOCKSIZE)
         try:
             header = self.frombuf(block, archive.encoding, archive.errors)
+        except (tarfile.EOFHeaderError, tarfile.InvalidHeaderError) as exc:
+            raise tarfile.InvalidHeaderError(f"after an extension header: {exc}") from None
         except tarfile.HeaderError as exc:
             raise tarfile.SubsequentHeaderError(str(exc)) from None
         header.offset = archive.fileobj.tell() - tarfile.BLOCKSIZE
