@@ -121,6 +121,33 @@ class WriterConfig:
     layout: Literal["per_image", "pairs"] = "per_image"
 
 
+# top_fraction's bound: a share of the whole run, more than none of it.
+Share = Annotated[Float, Field(gt=0.0, le=1.0)]
+
+
+@dataclass(config=STRICT)
+class SelectConfig:
+    """``capfilt select``: decide again from a finished run's scores, loading no model.
+
+    null in threshold, selection and layout: as the run decided (its filter.threshold,
+    filter.selection, writer.layout). Each policy narrows the texts the threshold keeps.
+    """
+
+    threshold: Union[UnitInterval, None] = None  # on the ITM scores (web_score, caption_scores)
+    selection: Union[Literal["best_score", "prefer_web"], None] = None
+    # Keep only this share of the run's images (or texts), by top_score, over the whole run;
+    # ties broken by key. null: no such cut.
+    top_fraction: Union[Share, None] = None
+    top_of: Literal["images", "texts"] = "images"
+    # The score it ranks by: ITM, an image's being its best text's (ITC once the run records it).
+    top_score: Literal["itm"] = "itm"
+    max_captions: Union[NonNegativeInt, None] = None  # the k best synthetic captions per image
+    # pairs layout: the expected share of synthetic texts among the pairs, drawn with `seed`.
+    synthetic_share: Union[UnitInterval, None] = None
+    seed: int = 0
+    layout: Union[Literal["per_image", "pairs"], None] = None
+
+
 @dataclass(config=STRICT)
 class DownloadConfig:
     """img2dataset's options for ``capfilt download``; names and meanings are img2dataset's."""
@@ -242,6 +269,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,8 @@ RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
 SIZES_FILE = "sizes.json"
 RESHARD_PLAN_FILE = "reshard_plan.json"
+# capfilt select's record: the policy, the run it decided from, and the count of each reason.
+SELECT_FILE = "select.json"
 # capfilt download's record (JSON) of what decided the shards in its folder (capfilt/ingest.py).
 # Not named *.json: img2dataset takes every *.json in its folder for a shard's stats.
 DOWNLOAD_FILE = ".capfilt-download"
