@@ -1,0 +1,538 @@
+"""``capfilt select``: a new cleaned webdataset from a finished run's scores, with no model loaded.
+
+A run's parquet holds the ITM score of every text, kept or not, so any decision made from scores
+can be made again without the models: another threshold or selection, the top share of the
+whole run (a global quantile, as DataComp's top 30%), the k best captions per image, a
+web/synthetic mix of pairs, another layout. Each output shard is made from the run's parquet (the
+scores) and the run's input tar (the image and metadata bytes: the run's own tar lacks the images
+it dropped), through the run's decision (``decision.decide``) and writer (``ShardWriter``), so at
+the run's own policy select writes the run's bytes.
+
+Before any shard: the global cut reads one score column's worth of the run, then only the keys
+tied at the cut (``top_cutoff``); the mix counts the pairs the other policies keep over the run
+(``Mix.count``). Each shard's marker records select's fingerprint: the run's plus the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.config import Config, ReaderConfig, SelectConfig, build
+from capfilt.decision import SYNTHETIC, WEB, decide
+from capfilt.identity import OUTPUT_REVISION, fingerprint, refuse_if_changed
+from capfilt.io.fs import OutputDir, configure_storage, expand_input, read_json, read_parquet
+from capfilt.io.layout import RUN_FILE, SELECT_FILE, SIZES_FILE, STATS_FILE, parquet_name, stats_name, tar_name
+from capfilt.io.lock import hold
+from capfilt.io.reader import read_shard
+from capfilt.io.writer import PARQUET_SCHEMA, ShardWriter
+from capfilt.redaction import MASK, redact_text
+from capfilt.run import check_outside_input
+from capfilt.runtime.shards import ShardTask, done_markers, plan_shards, split_done
+from capfilt.sample import ERROR, Sample
+from capfilt.stats import TIMING, Counts, ShardStats
+
+log = logging.getLogger(__name__)
+
+# Raised when select makes other output from the same run and policy (part of its fingerprint).
+SELECT_REVISION = 1
+
+# Why a sample left: the run's error, or the first policy that took its last text.
+ERROR_REASON, BELOW_THRESHOLD, NOT_TOP_FRACTION, MAX_CAPTIONS, MIX = (
+    "error", "below_threshold", "not_top_fraction", "max_captions", "mix")
+KEPT_REASON = "kept"  # in the counts of reasons, the samples that did not leave
+# The parquet column of that reason (null for a kept sample), after the run's own columns.
+REASON = "select_reason"
+SELECT_SCHEMA = PARQUET_SCHEMA.append(pa.field(REASON, pa.string()))
+
+# Of the run's parquet: what the decision needs, and what shows the tar is the one the run read.
+ROW_COLUMNS = ["key", "status", "error", "image_bytes", "width", "height", "web_score", "captions",
+               "caption_scores"]
+# What ranks an image (its scores), and a text (the texts too: ``candidates`` counts each once).
+SCORE_COLUMNS = {"images": ["status", "web_score", "caption_scores"],
+                 "texts": ["status", "web_text", "web_score", "captions", "caption_scores"]}
+
+Progress = Callable[[int, int], None]  # (samples done, samples to do)
+
+
+class SelectError(ValueError):
+    """The run cannot be selected from as asked: not a finished run, an input that changed."""
+
+
+# --- the run and the policy ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A finished run as select reads it: its ``run.json`` (fingerprint, config) and parquet."""
+
+    url: str
+    fingerprint: str
+    config: dict[str, Any]
+
+    @classmethod
+    def read(cls, url: str) -> "RunFolder":
+        url = url.rstrip("/") or "/"
+        record = read_json(posixpath.join(url, RUN_FILE))
+        if not isinstance(record, dict) or not record.get("fingerprint") or "config" not in record:
+            raise SelectError(f"{url}: not the output folder of a capfilt run (no {RUN_FILE} with its "
+                              "fingerprint and config)")
+        return cls(url, record["fingerprint"], record["config"])
+
+    def parquet(self, shard: str) -> str:
+        return posixpath.join(self.url, parquet_name(shard))
+
+    def reader_options(self) -> ReaderConfig:
+        """The run's reader section: the input tars are read into the samples the run read."""
+        return build(ReaderConfig, self.config.get("reader") or {}, "reader.")
+
+    def input_urls(self, given: str | list[str] | None) -> list[str]:
+        """The run's input shards: where ``given`` says, else where its run.json says."""
+        if given:
+            return expand_input(given)
+        spec = self.config.get("input")
+        if not spec:
+            raise SelectError(f"{self.url}/{RUN_FILE} records no input: give the run's input with --input")
+        if MASK in json.dumps(spec):
+            raise SelectError(f"{self.url}/{RUN_FILE} records the input with its credentials masked "
+                              f"({spec}): give it again with --input")
+        return expand_input(spec)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``select:`` with every null resolved from the run: what decides a selection's bytes."""
+
+    threshold: float
+    selection: str
+    layout: str
+    top_fraction: float | None
+    top_of: str
+    top_score: str
+    max_captions: int | None
+    synthetic_share: float | None
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_policy(section: SelectConfig, run_config: dict[str, Any]) -> Policy:
+    """The policy of ``section``; threshold, selection and layout default to the run's."""
+    values = asdict(section)
+    for key, (run_section, run_key) in {"threshold": ("filter", "threshold"),
+                                        "selection": ("filter", "selection"),
+                                        "layout": ("writer", "layout")}.items():
+        if values[key] is None:
+            values[key] = run_config[run_section][run_key]
+    policy = Policy(**values)
+    if policy.synthetic_share is not None and policy.layout != "pairs":
+        raise SelectError(f"select.synthetic_share: a mix of pairs needs select.layout: pairs "
+                          f"(the layout is {policy.layout})")
+    return policy
+
+
+# --- the texts of an image, ranked over the run ------------------------------------------------
+
+def candidates(sample: Sample) -> list[tuple[str, str, float]]:
+    """Every text of a judged image that a threshold can keep, as ``decide`` counts them: once
+    each, the web text first (a caption equal to it counts as web), then the captions."""
+    probe = Sample(key=sample.key, web_text=sample.web_text, web_score=sample.web_score,
+                   captions=list(sample.captions), caption_scores=list(sample.caption_scores))
+    return decide(probe, -math.inf, "best_score").kept_texts
+
+
+def ranked(sample: Sample, top_of: str) -> list[tuple[int, str | None, float]]:
+    """(position, text, score) of what ``top_fraction`` ranks in an image: the image itself,
+    scored by its best text (position 0, no text: its scores are enough), or each of its
+    candidate texts."""
+    if top_of == "images":
+        scores = [score for score in (sample.web_score, *sample.caption_scores) if score is not None]
+        return [(0, None, max(scores))] if scores else []
+    return [(position, text, score) for position, (text, _, score) in enumerate(candidates(sample))]
+
+
+def _probe(row: dict[str, Any]) -> Sample:
+    """A sample made of a run's parquet row: its texts and scores, no image."""
+    return Sample(key=row.get("key") or "", web_text=row.get("web_text"), web_score=row["web_score"],
+                  captions=list(row.get("captions") or []), caption_scores=list(row["caption_scores"] or []),
+                  status=row["status"])
+
+
+def _scored_rows(run: RunFolder, names: list[str], columns: list[str]) -> Iterator[tuple[str, Sample]]:
+    """(shard, sample) of every row the run judged, one shard's columns in memory at a time."""
+    for name in names:
+        for row in read_parquet(run.parquet(name), columns=columns).to_pylist():
+            if row["status"] != ERROR:
+                yield name, _probe(row)
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """The top ``keep`` of the run's ``of`` items by score, ties broken by (key, shard, position):
+    an item is in when its score is above ``score``, or equal to it with a rank at most ``last``
+    (None: every item of that score is in)."""
+
+    keep: int
+    of: int
+    score: float | None = None
+    last: tuple[str, str, int] | None = None
+
+    def admits(self, score: float, rank: tuple[str, str, int]) -> bool:
+        if self.keep == 0:
+            return False
+        return score > self.score or (score == self.score and (self.last is None or rank <= self.last))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "of": self.of, "score": self.score,
+                "last": list(self.last) if self.last is not None else None}
+
+
+def top_cutoff(run: RunFolder, names: list[str], fraction: float, top_of: str) -> Cutoff:
+    """The cut that keeps exactly ``floor(fraction * items)`` of the run's images or texts.
+
+    Two passes over the parquet: the first holds one float per item (the score column), the
+    second only the ranks of the items tied at the cut, at most as many as it keeps of them.
+    """
+    import numpy as np
+
+    columns = SCORE_COLUMNS[top_of]
+    scores = np.fromiter((score for _, sample in _scored_rows(run, names, columns)
+                          for _, _, score in ranked(sample, top_of)), dtype=np.float64)
+    of = len(scores)
+    keep = math.floor(Fraction(repr(fraction)) * of)  # exact: 0.3 of 10 is 3, not 3.0000000000000004
+    if keep == 0:
+        return Cutoff(0, of)
+    score = float(np.partition(scores, of - keep)[of - keep])
+    need = keep - int(np.count_nonzero(scores > score))
+    tied = int(np.count_nonzero(scores == score))
+    del scores
+    if tied == need:
+        return Cutoff(keep, of, score)
+    ranks = ((sample.key, shard, position)
+             for shard, sample in _scored_rows(run, names, ["key", *columns])
+             for position, _, item_score in ranked(sample, top_of) if item_score == score)
+    return Cutoff(keep, of, score, heapq.nsmallest(need, ranks)[-1])
+
+
+# --- the mix --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mix:
+    """Pairs kept with a chance per origin, so that ``share`` of the run's pairs are synthetic in
+    expectation while as many pairs as can be are kept. ``web`` and ``synthetic``: the pairs the
+    other policies keep over the run. A pair's draw depends on the seed and the pair alone."""
+
+    share: float
+    seed: int
+    web: int
+    synthetic: int
+
+    @property
+    def chances(self) -> tuple[float, float]:
+        """(web, synthetic) chance of a pair to stay. With pairs of one origin only, no mix."""
+        share, web, synthetic = self.share, self.web, self.synthetic
+        if web == 0 or synthetic == 0:
+            return 1.0, 1.0
+        if synthetic * (1 - share) > share * web:  # more synthetic than the share
+            return 1.0, share * web / ((1 - share) * synthetic)
+        return (1 - share) * synthetic / (share * web), 1.0
+
+    def keeps(self, shard: str, key: str, text: tuple[str, str, float]) -> bool:
+        chance = self.chances[0 if text[1] == WEB else 1]
+        return chance >= 1.0 or draw(self.seed, shard, key, text[1], text[0]) < chance
+
+    def to_dict(self) -> dict[str, Any]:
+        web, synthetic = self.chances
+        return {"share": self.share, "seed": self.seed, "web_pairs": self.web,
+                "synthetic_pairs": self.synthetic, "web_chance": web, "synthetic_chance": synthetic}
+
+    @classmethod
+    def count(cls, run: RunFolder, names: list[str], policy: "Redecision") -> "Mix":
+        """The mix of ``policy.policy``, counted over the run with ``policy`` (without a mix)."""
+        web = synthetic = 0
+        for shard, sample in _scored_rows(run, names, ["key", *SCORE_COLUMNS["texts"]]):
+            policy(sample, shard, {})
+            origins = [origin for _, origin, _ in sample.kept_texts]
+            web, synthetic = web + origins.count(WEB), synthetic + origins.count(SYNTHETIC)
+        return cls(policy.policy.synthetic_share, policy.policy.seed, web, synthetic)
+
+
+def draw(seed: int, shard: str, key: str, origin: str, text: str) -> float:
+    """A number in [0, 1) fixed by its arguments: the same pair draws the same in any order."""
+    blob = json.dumps([seed, shard, key, origin, text], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") / 2**64
+
+
+# --- one sample -------------------------------------------------------------------------------------
+
+Texts = list[tuple[str, str, float]]
+
+
+class Redecision:
+    """The policy applied to one sample the run judged: ``decide`` at the threshold, then each
+    policy narrows the kept texts. Returns why the sample left (None: kept); counts the texts
+    each policy took in ``removed``."""
+
+    def __init__(self, policy: Policy, cutoff: Cutoff | None = None, mix: Mix | None = None):
+        self.policy, self.cutoff, self.mix = policy, cutoff, mix
+        self.stages: list[tuple[str, Callable[[Texts, Sample, str], Texts]]] = []
+        if cutoff is not None:
+            self.stages.append((NOT_TOP_FRACTION, self._top))
+        if policy.max_captions is not None:
+            self.stages.append((MAX_CAPTIONS, self._max_captions))
+        if mix is not None:
+            self.stages.append((MIX, self._mix))
+
+    def __call__(self, sample: Sample, shard: str, removed: dict[str, int]) -> str | None:
+        if sample.status == ERROR:
+            return ERROR_REASON
+        decide(sample, self.policy.threshold, self.policy.selection)
+        kept = sample.kept_texts
+        if not kept:
+            return BELOW_THRESHOLD
+        reason = None
+        for reason, narrow in self.stages:
+            narrowed = narrow(kept, sample, shard)
+            if len(narrowed) < len(kept):
+                removed[reason] = removed.get(reason, 0) + len(kept) - len(narrowed)
+            kept = narrowed
+            if not kept:
+                break
+        if kept != sample.kept_texts:
+            self._decide_among(sample, kept)
+        return None if kept else reason
+
+    def _decide_among(self, sample: Sample, kept: Texts) -> None:
+        """The decision over the texts the policies left: ``decide`` itself, on those alone."""
+        web = next((text for text in kept if text[1] == WEB), None)
+        probe = Sample(key=sample.key, web_text=web[0] if web else None, web_score=web[2] if web else None,
+                       captions=[t for t, origin, _ in kept if origin == SYNTHETIC],
+                       caption_scores=[s for _, origin, s in kept if origin == SYNTHETIC])
+        decide(probe, self.policy.threshold, self.policy.selection)
+        sample.kept_texts, sample.status, sample.text = probe.kept_texts, probe.status, probe.text
+
+    def _top(self, kept: Texts, sample: Sample, shard: str) -> Texts:
+        items = ranked(sample, self.policy.top_of)
+        if self.policy.top_of == "images":
+            position, _, score = items[0]
+            return kept if self.cutoff.admits(score, (sample.key, shard, position)) else []
+        rank = {text: (score, (sample.key, shard, position)) for position, text, score in items}
+        return [text for text in kept if self.cutoff.admits(*rank[text[0]])]
+
+    def _max_captions(self, kept: Texts, sample: Sample, shard: str) -> Texts:
+        synthetic = [text for text in kept if text[1] == SYNTHETIC]
+        best = sorted(synthetic, key=lambda text: -text[2])[:self.policy.max_captions]  # earlier first on ties
+        return [text for text in kept if text[1] == WEB or text in best]
+
+    def _mix(self, kept: Texts, sample: Sample, shard: str) -> Texts:
+        return [text for text in kept if self.mix.keeps(shard, sample.key, text)]
+
+
+# --- one shard --------------------------------------------------------------------------------------
+
+@dataclass
+class SelectStats(ShardStats):
+    """A selected shard's done marker: ``ShardStats``, and why its samples left (``reasons``,
+    every sample once, ``kept`` included) and the texts each policy took (``texts_removed``)."""
+
+    reasons: dict[str, int] = field(default_factory=dict)
+    texts_removed: dict[str, int] = field(default_factory=dict)
+
+
+class SelectWriter(ShardWriter):
+    """``ShardWriter`` whose parquet rows carry the reason each sample left (``select_reason``,
+    after the run's columns: a reader of the run's columns reads a selection's as they are)."""
+
+    def write(self, sample: Sample, reason: str | None = None) -> None:
+        super().write(sample)
+        reason = ERROR_REASON if sample.status == ERROR else reason  # the writer may fail it too
+        self.rows[-1][REASON] = reason
+        reasons = self.stats.reasons
+        reasons[reason or KEPT_REASON] = reasons.get(reason or KEPT_REASON, 0) + 1
+
+    def _write_parquet(self) -> None:
+        table = pa.Table.from_pylist(self.rows, schema=SELECT_SCHEMA)
+        with self._staging.open(parquet_name(self.shard)) as f:
+            pq.write_table(table, f)
+
+
+def restore(sample: Sample, row: dict[str, Any]) -> Sample:
+    """``sample`` as read from the input tar, as the run judged it: its image size, captions and
+    scores, and its error, from the run's row."""
+    sample.width, sample.height = row["width"], row["height"]
+    sample.web_score = row["web_score"]
+    sample.captions = list(row["captions"] or [])
+    sample.caption_scores = list(row["caption_scores"] or [])
+    if row["status"] == ERROR:
+        sample.fail(row["error"])
+    return sample
+
+
+def _paired(rows: list[dict[str, Any]], samples: Iterable[Sample], url: str) -> Iterator[tuple[dict, Sample]]:
+    """Each row of the run's parquet with its sample of the input tar; a tar that is not the one
+    the run read (another key, image size or count) is an error naming the shard."""
+    samples = iter(samples)
+    for index, row in enumerate(rows):
+        sample = next(samples, None)
+        if sample is None or sample.key != row["key"] or (sample.error is not None and row["status"] != ERROR) \
+                or (row["image_bytes"] is not None and row["image_bytes"] != len(sample.image or b"")):
+            found = "nothing" if sample is None else f"key {sample.key!r}"
+            raise SelectError(f"{redact_text(url)}: sample {index} is {found} where the run read key "
+                              f"{row['key']!r}: the input changed since the run")
+        yield row, sample
+    extra = next(samples, None)
+    if extra is not None:
+        raise SelectError(f"{redact_text(url)}: holds key {extra.key!r} after the {len(rows)} samples the run "
+                          "read: the input changed since the run")
+
+
+def select_shard(task: ShardTask, run: RunFolder, redecide: Redecision, reader: ReaderConfig,
+                 out: OutputDir, fp: str, on_sample: Callable[[], None] = lambda: None) -> SelectStats:
+    """One output shard: the run's rows and the input tar's samples, decided again, written."""
+    rows = read_parquet(run.parquet(task.name), columns=ROW_COLUMNS).to_pylist()
+    stats = SelectStats(shard=task.name, input=redact_text(task.url), fingerprint=fp)
+    stats.start({"worker_pid": os.getpid()})
+    policy = redecide.policy
+    with contextlib.closing(read_shard(task.url, reader)) as samples, \
+            SelectWriter(out, task.name, policy.threshold, policy.layout, stats) as writer:
+        for row, sample in _paired(rows, samples, task.url):
+            reason = redecide(restore(sample, row), task.name, stats.texts_removed)
+            writer.write(sample, reason)
+            on_sample()
+    return stats
+
+
+# --- the whole selection ----------------------------------------------------------------------------
+
+@dataclass
+class SelectOutcome:
+    """What a selection leaves: ``stats.json``'s totals and ``select.json``'s record."""
+
+    stats: dict[str, Any]
+    record: dict[str, Any]
+
+
+def select(run_url: str, config: Config, mode: str = "incremental",
+           progress: Progress | None = None) -> SelectOutcome:
+    """Select from the finished run at ``run_url`` into ``config.output`` by ``config.select``.
+
+    Raises ``SelectError`` (a ValueError) for a run or input that cannot be selected from, and
+    ``RunRefused`` for an output of another policy unless ``mode`` is ``overwrite``.
+    """
+    if not config.output:
+        raise SelectError("no output: give NEW")
+    configure_storage(config.storage_options)
+    run = RunFolder.read(run_url)
+    policy = resolve_policy(config.select, run.config)
+    urls = run.input_urls(config.input)
+    # Never into the run's folder (select reads it) or an input folder.
+    check_outside_input([*urls, posixpath.join(run.url, RUN_FILE)], config.output)
+    tasks = plan_shards(urls, config.output)
+    run_done = _finished(run, tasks)
+    # The writer's output revision too: a selection is written by this capfilt's ShardWriter.
+    identity = {"run_fingerprint": run.fingerprint, "select": policy.to_dict(),
+                "select_revision": SELECT_REVISION, "output_revision": OUTPUT_REVISION}
+    out = OutputDir(config.output)
+    with hold(out, "capfilt select"):
+        return _select_held(run, policy, tasks, run_done, identity, out, mode, progress)
+
+
+def _finished(run: RunFolder, tasks: list[ShardTask]) -> dict[str, ShardStats]:
+    """The run's shards, every one done: a quantile over part of a run would change later."""
+    done = done_markers(OutputDir(run.url), tasks, run.fingerprint)
+    missing = [t.name for t in tasks if t.name not in done]
+    if missing:
+        raise SelectError(f"{run.url}: the run is not finished: {len(missing)} of {len(tasks)} input shards "
+                          f"are not done ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                          "finish it (the same capfilt run command) first")
+    return done
+
+
+def _select_held(run: RunFolder, policy: Policy, tasks: list[ShardTask], run_done: dict[str, ShardStats],
+                 identity: dict[str, Any], out: OutputDir, mode: str, progress: Progress | None) -> SelectOutcome:
+    fp = fingerprint(identity)
+    if out.remove_temporaries():
+        log.info("%s: removed the temporary files of an interrupted selection", out.url)
+    if out.exists(RUN_FILE):
+        raise SelectError(f"{out.url} holds a capfilt run's output ({RUN_FILE}); select writes a folder "
+                          "of its own: give another NEW")
+    if mode != "overwrite" and out.exists(SELECT_FILE):
+        refuse_if_changed(out.url, json.loads(out.read_text(SELECT_FILE)), identity, fp, "a selection")
+    names = [t.name for t in tasks]
+    cutoff = top_cutoff(run, names, policy.top_fraction, policy.top_of) if policy.top_fraction else None
+    mix = Mix.count(run, names, Redecision(policy, cutoff)) if policy.synthetic_share is not None else None
+    record = {"run": redact_text(run.url), "run_fingerprint": run.fingerprint, "identity": identity,
+              "fingerprint": fp, "policy": policy.to_dict(), "shards": len(tasks),
+              "top_fraction": cutoff.to_dict() if cutoff else None, "mix": mix.to_dict() if mix else None}
+    out.write_bytes(SELECT_FILE, _json(record))  # before any shard: what a rerun is checked against
+
+    start = time.time()
+    pending = split_done(tasks, out, fp)[0] if mode == "incremental" else tasks
+    try:
+        _write_shards(pending, run, Redecision(policy, cutoff, mix), out, fp, run_done, progress)
+    except KeyboardInterrupt:
+        out.remove_temporaries()
+        done = done_markers(out, tasks, fp)
+        raise KeyboardInterrupt(f"{len(done)} of {len(tasks)} shards done in {out.url}; "
+                                "rerun the same command to resume") from None
+    done = {name: SelectStats.from_json(out.read_text(stats_name(name))) for name in done_markers(out, tasks, fp)}
+    stats = _totals(done, tasks, len(pending), round(time.time() - start, 3))
+    record.update(reasons=stats["reasons"], texts_removed=stats["texts_removed"])
+    out.write_bytes(SELECT_FILE, _json(record))
+    out.write_bytes(STATS_FILE, _json(stats))
+    out.write_bytes(SIZES_FILE, _json({tar_name(n): s.tar_samples for n, s in done.items()}))
+    return SelectOutcome(stats, record)
+
+
+def _write_shards(pending: list[ShardTask], run: RunFolder, redecide: Redecision, out: OutputDir, fp: str,
+                  run_done: dict[str, ShardStats], progress: Progress | None) -> None:
+    reader, total, done = run.reader_options(), sum(run_done[t.name].samples for t in pending), 0
+
+    def on_sample() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    for task in pending:
+        stats = select_shard(task, run, redecide, reader, out, fp, on_sample)
+        log.info("%s: %d samples, %d kept", task.name, stats.samples, stats.kept)
+
+
+def _totals(done: dict[str, SelectStats], tasks: list[ShardTask], written: int, seconds: float) -> dict[str, Any]:
+    """``stats.json``: the counts over every done shard, and the count of each reason."""
+    return {
+        "shards": len(tasks),
+        "shards_done": len(done),
+        **Counts.total(done.values()).as_dict(),
+        "tar_samples": sum(s.tar_samples for s in done.values()),
+        "reasons": _summed(s.reasons for s in done.values()),
+        "texts_removed": _summed(s.texts_removed for s in done.values()),
+        TIMING: {"seconds": seconds, "shards_written": written},
+    }
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for each in counts:
+        for key, value in each.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items()))
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8")
