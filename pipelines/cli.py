@@ -26,6 +26,7 @@ COMMANDS = {
     "inspect": ("pipelines.inspect_rows", "print samples of an input or output shard as a table"),
     "report": ("pipelines.report", "write a self-contained HTML report of an output folder"),
     "reshard": ("pipelines.reshard", "repack cleaned shards to a target size"),
+    "select": ("pipelines.select", "decide again from a finished run's scores, with no model"),
     "tiny-models": ("pipelines.tiny_models", "build tiny random BLIP checkpoints for offline tests"),
 }
 
