@@ -5,6 +5,7 @@ import os
 import random
 
 import pytest
+import torch
 import webdataset as wds
 
 from capfilt.config import load_config
@@ -152,3 +153,41 @@ def test_scratch_tokenizer_knows_the_prompt_words(captioner):
 
     tokenizer = AutoTokenizer.from_pretrained(captioner)
     assert tokenizer.tokenize("a picture of ") == ["a", "picture", "of"]
+
+
+def test_retrieval_hits_are_on_the_similarities_device():
+    """R@1's match table is indexed by an argmax of the similarities: it must live on their
+    device (a CPU table indexed by a CUDA argmax raises). On the meta device here, where a
+    CPU table silently gives a CPU answer."""
+    from capfilt.training.tasks import _top1_hits
+
+    texts = ["a", "b", "a", "c"]
+    sims = torch.eye(4)
+    sims[0, 1] = 2.0  # image 0's top text is b: a miss
+    i2t, t2i = _top1_hits(sims, texts)
+    assert i2t.tolist() == [False, True, True, True] and t2i.tolist() == [True, False, True, True]
+    assert all(h.device.type == "meta" for h in _top1_hits(sims.to("meta"), texts))
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_resume_puts_the_optimizer_state_on_the_parameters_device(data, tmp_path):
+    """A resumed optimizer state is on the training device, with its parameters (on a GPU,
+    AdamW's step fails on state left on the CPU). The meta device stands in for a GPU here."""
+    from transformers import BlipForImageTextRetrieval
+
+    from capfilt.io.fs import expand_input
+    from capfilt.training.tasks import FilterTask
+    from capfilt.training.trainer import Trainer, build_model
+
+    cfg = train_cfg("filter", data, tmp_path / "filter", "finetune.filter.max_steps=1", "finetune.filter.val=null")
+    finetune("filter", cfg, progress=False)
+    model, tokenizer, mean, std = build_model(BlipForImageTextRetrieval, cfg, expand_input(cfg.train), "a picture of ")
+    trainer = Trainer(FilterTask(model, tokenizer, cfg), cfg, tokenizer, mean, std, "meta")
+    assert trainer.resume()
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert len(trainer.optimizer.state) == len(params)
+    for p in params:
+        assert p.device.type == "meta"
+        state = trainer.optimizer.state[p]
+        assert {k: v.device.type for k, v in state.items() if k != "step"} == {"exp_avg": "meta", "exp_avg_sq": "meta"}
+    assert trainer.task.extra_parameters["temp"] is params[-1]

@@ -126,14 +126,20 @@ class FilterTask:
             total += len(texts) + keep.sum().item()
             if len(all_texts) >= max_items:
                 break
-        sims = torch.cat(image_feats) @ torch.cat(text_feats).t()
-        match = torch.tensor([[a == b for b in all_texts] for a in all_texts])
-        rows = torch.arange(len(all_texts))
+        i2t, t2i = _top1_hits(torch.cat(image_feats) @ torch.cat(text_feats).t(), all_texts)
         return {
             "val_itm_accuracy": correct / max(total, 1),
-            "val_i2t_r1": match[rows, sims.argmax(1)].float().mean().item(),
-            "val_t2i_r1": match[sims.argmax(0), rows].float().mean().item(),
+            "val_i2t_r1": i2t.float().mean().item(),
+            "val_t2i_r1": t2i.float().mean().item(),
         }
+
+
+def _top1_hits(sims, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each image's most similar text, and each text's most similar image, matches.
+    Built on ``sims``' device: a CPU tensor indexed by a CUDA argmax raises."""
+    match = torch.tensor([[a == b for b in texts] for a in texts], device=sims.device)
+    rows = torch.arange(len(texts), device=sims.device)
+    return match[rows, sims.argmax(1)], match[sims.argmax(0), rows]
 
 
 def _hard_negatives(sim, same, generator) -> torch.Tensor:

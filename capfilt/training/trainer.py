@@ -114,6 +114,11 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        # On the device before the optimizer exists: a resumed optimizer state is moved to
+        # where its parameters are when it is loaded, and stays there.
+        task.model.to(device)
+        for key, p in task.extra_parameters.items():
+            task.extra_parameters[key] = torch.nn.Parameter(p.detach().to(device), p.requires_grad)
         params = list(task.model.parameters()) + list(task.extra_parameters.values())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -182,9 +187,7 @@ class Trainer:
     def fit(self, progress: bool = True) -> dict[str, Any]:
         from tqdm import tqdm
 
-        self.task.model.to(self.device).train()
-        for p in self.task.extra_parameters.values():
-            p.data = p.data.to(self.device)
+        self.task.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], unit="step",
                    desc=f"finetune {self.task.name}", disable=not progress, dynamic_ncols=True,
                    mininterval=bar_interval())
