@@ -116,6 +116,10 @@ def test_finetuned_checkpoints_load_through_capfilt_run(captioner, data, tmp_pat
     cfg = train_cfg("filter", data, tmp_path / "filter", f"finetune.filter.init={captioner}",
                     "finetune.filter.max_steps=2")
     itm = finetune("filter", cfg, progress=False)
+    # It records the ITM first token it was trained with; run scores with it (filter.first_token: auto).
+    from capfilt.models.loading import ITM_FIRST_TOKEN_KEY
+
+    assert json.load(open(os.path.join(itm, "config.json")))[ITM_FIRST_TOKEN_KEY] == "enc"
     out = tmp_path / "out"
     rc = main(["run", "--config", "configs/tiny.yaml", "--input", os.path.join(data[1], "00000.tar"),
                "--output", str(out), "--no-progress", f"captioner.model={captioner}",
@@ -153,6 +157,43 @@ def test_scratch_tokenizer_knows_the_prompt_words(captioner):
 
     tokenizer = AutoTokenizer.from_pretrained(captioner)
     assert tokenizer.tokenize("a picture of ") == ["a", "picture", "of"]
+
+
+def itm_and_itc_first_ids(task, texts):
+    """The first token id of every text the text encoder reads in one loss step, for ITM
+    (with the image: encoder_hidden_states given) and for ITC (without)."""
+    seen = {"itm": set(), "itc": set()}
+
+    def spy(module, args, kwargs):
+        kind = "itm" if kwargs.get("encoder_hidden_states") is not None else "itc"
+        seen[kind].update(kwargs["input_ids"][:, 0].tolist())
+
+    handle = task.model.text_encoder.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        task.loss(torch.randn(len(texts), 3, 64, 64), texts, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("first_token", ["auto", "cls"])
+def test_filter_trains_itm_with_the_first_token_and_records_it(tiny_models, first_token):
+    """As BLIP's blip_retrieval.py: ITM reads [ENC] in place of [CLS] (auto, as nothing is
+    recorded in the starting checkpoint), ITC reads [CLS]; the model's config, which every
+    checkpoint saved of it carries, records the token."""
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    from capfilt.config import TrainConfig
+    from capfilt.models.loading import ITM_FIRST_TOKEN_KEY
+    from capfilt.training.tasks import FilterTask
+
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_models[1])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[1])
+    task = FilterTask(model, tokenizer, TrainConfig(init=tiny_models[1]), first_token)
+    seen = itm_and_itc_first_ids(task, ["a red square", "a blue circle", "a green triangle"])
+    expected = "[ENC]" if first_token == "auto" else "[CLS]"
+    assert seen == {"itm": {tokenizer.convert_tokens_to_ids(expected)}, "itc": {tokenizer.cls_token_id}}
+    assert getattr(model.config, ITM_FIRST_TOKEN_KEY) == {"auto": "enc", "cls": "cls"}[first_token]
 
 
 def test_retrieval_hits_are_on_the_similarities_device():

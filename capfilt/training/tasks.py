@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.config import TrainConfig
+from capfilt.models.loading import ITM_FIRST_TOKEN_KEY, itm_first_token
 
 
 class CaptionerTask:
@@ -56,14 +57,24 @@ class CaptionerTask:
 
 class FilterTask:
     """BLIP's retrieval recipe without momentum distillation: ITC with a learnable temperature,
-    plus ITM on each positive and two hard negatives drawn from softmax(similarity)."""
+    plus ITM on each positive and two hard negatives drawn from softmax(similarity).
+
+    ITM reads the text with ``first_token`` first (``filter.first_token``; auto: the token the
+    starting checkpoint records, else [ENC] in place of [CLS], as BLIP's blip_retrieval.py);
+    ITC reads it with [CLS]. The model's config records the token
+    (``loading.ITM_FIRST_TOKEN_KEY``), so every checkpoint saved of it does, and ``capfilt
+    run`` scores with it under ``filter.first_token: auto``.
+    """
 
     name = "filter"
 
-    def __init__(self, model, tokenizer, cfg: TrainConfig):
+    def __init__(self, model, tokenizer, cfg: TrainConfig, first_token: str = "auto"):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         temp = torch.nn.Parameter(torch.tensor(float(cfg.temperature)))
         self.extra_parameters = {"temp": temp}
+        self.first_token, self.first_token_id = itm_first_token(
+            first_token, tokenizer, model.config.to_dict(), "finetune.filter.init", cfg.init or "the scratch model")
+        setattr(model.config, ITM_FIRST_TOKEN_KEY, self.first_token)
 
     def _encode(self, pixels, texts):
         tokens = self.tokenizer(texts, padding="longest", truncation=True,
@@ -76,6 +87,9 @@ class FilterTask:
         return tokens, image_embeds, image_feat, text_feat
 
     def itm_logits(self, image_embeds, input_ids, attention_mask):
+        if self.first_token_id is not None:
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = self.first_token_id  # [ENC] in place of [CLS]; ITC's ids keep [CLS]
         hidden = self.model.text_encoder(
             input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
             encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,

@@ -265,8 +265,10 @@ def _asdict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progress: bool = True) -> str:
-    """Fine-tune (or train from scratch) a captioner or a filter; return the saved folder."""
+def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progress: bool = True,
+             first_token: str = "auto") -> str:
+    """Fine-tune (or train from scratch) a captioner or a filter; return the saved folder.
+    ``first_token`` is the filter's ITM first token (``filter.first_token``), recorded in it."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
     from transformers.utils import logging as hf_logging
 
@@ -286,7 +288,7 @@ def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progres
         raise ValueError(f"finetune.{kind}.image_size is {cfg.image_size} but {cfg.init} was trained at "
                          f"{model.config.vision_config.image_size}; set image_size to that")
     task = (CaptionerTask(model, tokenizer, cfg, prompt) if kind == "captioner"
-            else FilterTask(model, tokenizer, cfg))
+            else FilterTask(model, tokenizer, cfg, first_token))
     trainer = Trainer(task, cfg, tokenizer, mean, std, device)
     trainer.resume()
     trainer.fit(progress=progress)
