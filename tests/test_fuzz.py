@@ -15,11 +15,13 @@ import json
 import random
 import tarfile
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import image_bytes
+from PIL import Image
 
 from capfilt.config import load_config
 from capfilt.io.fs import OutputDir
@@ -31,8 +33,14 @@ SHARDS = 1200
 
 
 class StubProcessor:
+    """An image processor's resize to 4x4 and rescale (the models it feeds are stubs)."""
+
+    do_resize, size, resample = True, SimpleNamespace(height=4, width=4), Image.BILINEAR
+
     def __call__(self, images, return_tensors):
-        return {"pixel_values": np.zeros((1, 3, 4, 4), np.float32)}
+        images = images if isinstance(images, list) else [images]
+        pixels = np.stack([np.asarray(image.resize((4, 4), resample=self.resample)) for image in images])
+        return {"pixel_values": pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255}
 
 
 class StubStep(CapFiltStep):
