@@ -364,8 +364,10 @@ class RayExecutor:
             return True
         machine = local_node(rt)
         self.plan = plan_workers(rt, [machine])  # before Ray starts: a plan that cannot be, at once
-        # One CPU more than the workers take, as ever; the cores, when there are more.
-        cpus = max(machine.cpus, sum(s.cpus for s in self.plan.slots) + 1)
+        # Room for one worker more than the plan (a replacement starts while the worker it
+        # replaces is still being killed); the cores, when there are more.
+        planned = [s.cpus for s in self.plan.slots]
+        cpus = max(machine.cpus, sum(planned) + max(planned))
         # Ray starts workers at nice 15, so that any of its daemons, or the driver, takes
         # a core from a worker at once; with the model's threads meeting at barriers, one
         # delayed thread stalls all of them. A worker here does the run's work: normal
@@ -417,34 +419,58 @@ class RayExecutor:
         return progress_name, progress, started
 
     def _run(self, ray, tasks, on_result, on_progress) -> list[ShardResult]:
-        rt = self.runtime
         progress_name, progress, idle = self._start(ray, self.plan.slots[:len(tasks)])
-        run = _Run(tasks, idle, rt, on_result)
+        run = _Run(tasks, idle, self.runtime, on_result)
         while run.pending or run.inflight:
             run.dispatch()
-            ready, _ = ray.wait(list(run.inflight), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(run.inflight) + list(run.starting), num_returns=1, timeout=0.5)
             if on_progress:
                 _report_progress(ray, progress, on_progress)
             for ref in ready:
+                if ref in run.starting:
+                    self._started(ray, run, ref, progress_name)
+                    continue
                 worker, task, _ = run.inflight.pop(ref)
-                result, worker = self._collect(ray, ref, worker, task, run.attempts[task], progress_name)
-                if worker is not None:
+                result, next_worker = self._collect(ray, ref, worker, task, run.attempts[task], progress_name)
+                if next_worker is worker:
                     run.idle.append(worker)
+                elif next_worker is not None:
+                    run.start(next_worker)
                 run.settle(result)
-            for ref in run.overdue():
-                worker, task, _ = run.inflight.pop(ref)
-                ray.kill(worker, no_restart=True)  # the one way to stop an actor's running task
-                replacement = self._replace(ray, worker, progress_name)
-                if replacement is not None:
-                    run.idle.append(replacement)
-                run.settle(ShardResult(task, None, f"timed out after {rt.shard_timeout:g} s "
-                                       "(runtime.shard_timeout)", run.attempts[task]))
-            if run.pending and not run.idle and not run.inflight:  # every worker died for good
+            self._abandon_overdue(ray, run, progress_name)
+            if run.pending and not (run.idle or run.inflight or run.starting):  # every worker died for good
                 run.give_up(f"no worker left: workers kept dying and the {self._replacements} replacements "
                             "allowed (runtime.num_workers x runtime.max_restarts) are spent")
         if on_progress:
             _report_progress(ray, progress, on_progress)
         return run.results
+
+    def _abandon_overdue(self, ray, run: "_Run", progress_name: str) -> None:
+        """Kill the worker of each shard past ``runtime.shard_timeout``, start its replacement."""
+        for ref in run.overdue():
+            worker, task, _ = run.inflight.pop(ref)
+            ray.kill(worker, no_restart=True)  # the one way to stop an actor's running task
+            replacement = self._replace(ray, worker, progress_name)
+            if replacement is not None:
+                run.start(replacement)
+            run.settle(ShardResult(task, None, f"timed out after {self.runtime.shard_timeout:g} s "
+                                   "(runtime.shard_timeout)", run.attempts[task]))
+
+    def _started(self, ray, run: "_Run", ref, progress_name: str) -> None:
+        """A replacement worker has built its step: it is idle. One that died starting is
+        replaced in turn while replacements are left."""
+        worker = run.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
+            log.warning("a replacement worker did not start: %s", _root_cause(exc))
+            if self._replacements < len(self.plan.slots) * max(1, self.runtime.max_restarts):
+                self._replacements += 1
+                worker = self._replace(ray, worker, progress_name)
+                if worker is not None:
+                    run.start(worker)
+            return
+        run.idle.append(worker)
 
     def _collect(self, ray, ref, worker, task: ShardTask, attempt: int,
                  progress_name: str) -> tuple[ShardResult, Any]:
@@ -473,8 +499,14 @@ class _Run:
         self.attempts: Counter = Counter()
         self.inflight: dict[Any, tuple[Any, ShardTask, float]] = {}  # ref -> worker, task, start
         self.idle = idle
+        # Replacement workers still building their step (ref of their info() -> worker): a
+        # shard's clock starts when its worker is ready, not while a process starts.
+        self.starting: dict[Any, Any] = {}
         self.results: list[ShardResult] = []
         self.runtime, self.on_result = runtime, on_result
+
+    def start(self, worker) -> None:
+        self.starting[worker.info.remote()] = worker
 
     def dispatch(self) -> None:
         while self.idle and self.pending:
