@@ -36,43 +36,56 @@ class Captioner:
     def __call__(self, pixel_values, seed: int) -> list[list[str]]:
         """``num_captions`` captions for each image of the batch, prompt stripped."""
         import torch
-        from transformers import LogitsProcessorList
 
         n = self.cfg.num_captions
         batch = pixel_values.shape[0]
         if n == 0 or batch == 0:
             return [[] for _ in range(batch)]
-        text_config = self.model.config.text_config
         # BlipForConditionalGeneration.generate, with the N samples of each image laid out as
         # its num_return_sequences does (image-major); the image is encoded once, and its
         # cross-attention keys and values projected once. Sampling is NucleusSampler's, on
         # top of a greedy generate (sampling.py says why).
         input_ids = self.prompt_ids.repeat(batch * n, 1).to(self.device)
-        input_ids[:, 0] = text_config.bos_token_id
+        input_ids[:, 0] = self.model.config.text_config.bos_token_id
         input_ids = input_ids[:, :-1]  # generate() drops the prompt's [SEP]
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        sampler = NucleusSampler(self.cfg.top_p, self.cfg.top_k, self.cfg.temperature, generator)
         with torch.inference_mode():
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
             index = torch.arange(batch, device=image_embeds.device).repeat_interleave(n)
             with shared_kv.repeated_states(self.shared_layers, image_embeds, index) as states:
-                out = self.model.text_decoder.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    encoder_hidden_states=states,
-                    encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
-                                                      device=states.device),
-                    eos_token_id=text_config.sep_token_id,
-                    pad_token_id=text_config.pad_token_id,
-                    do_sample=False,
-                    num_beams=1,
-                    logits_processor=LogitsProcessorList([sampler]),
-                    max_length=self.cfg.max_length,
-                    min_length=self.cfg.min_length,
-                    repetition_penalty=self.cfg.repetition_penalty,
-                )
+                # No decoding step waits on the device for the sampler's tie check. A batch
+                # that needed it is sampled again with it, which gives the captions checking
+                # at every step gives (sampling.py).
+                out, sampler = self._generate(input_ids, states, seed, defer_tie_check=True)
+                if sampler.ties_overflowed():  # one host sync per batch
+                    out, _ = self._generate(input_ids, states, seed, defer_tie_check=False)
         texts = [self._strip_prompt(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(batch)]
+
+    def _generate(self, input_ids, states, seed: int, defer_tie_check: bool):
+        import torch
+        from transformers import LogitsProcessorList
+
+        text_config = self.model.config.text_config
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        sampler = NucleusSampler(self.cfg.top_p, self.cfg.top_k, self.cfg.temperature, generator,
+                                 defer_tie_check=defer_tie_check)
+        out = self.model.text_decoder.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=states,
+            # No encoder_attention_mask: the image states have no padding, and BLIP's text
+            # model treats None as all ones. Given one, it asks the device each step whether
+            # it is all ones (masking_utils' padding_mask.all(), a host sync).
+            eos_token_id=text_config.sep_token_id,
+            pad_token_id=text_config.pad_token_id,
+            do_sample=False,
+            num_beams=1,
+            logits_processor=LogitsProcessorList([sampler]),
+            max_length=self.cfg.max_length,
+            min_length=self.cfg.min_length,
+            repetition_penalty=self.cfg.repetition_penalty,
+        )
+        return out, sampler
 
     def _strip_prompt(self, text: str) -> str:
         # As BLIP does: decode the whole sequence, then cut the prompt's text off.

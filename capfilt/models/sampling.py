@@ -15,6 +15,15 @@ token it draws is left the only finite score, so the greedy step picks it, and e
 else ``generate`` does (repetition penalty, minimum length, end of sequence, padding of
 finished rows) stays transformers' own.
 
+A row with more ties at the k-th score than the slack holds takes the full sort, and asking
+whether a step has one is a host read of the device's answer: on a GPU, a stall at every
+decoding step. The captioner defers the question (``defer_tie_check``): each step goes on as if
+there were none and keeps the answer on the device; after ``generate`` it reads
+``ties_overflowed()`` once, and where a step had one, samples the batch again with the check at
+every step. The captions are those of the check at every step either way. (Taking the full
+sort's path always would not give them: it draws over the whole vocabulary, which moves the
+generator's stream and so every later draw of the batch.)
+
 The draws are not transformers' draws: captions for a seed differ from
 ``generate(do_sample=True)`` after ``torch.manual_seed(seed)``, while following the same
 distribution (tests/test_models.py checks the probabilities against transformers' warpers).
@@ -30,9 +39,17 @@ _TIE_SLACK = 8
 
 
 class NucleusSampler:
-    def __init__(self, top_p: float, top_k: int, temperature: float, generator: torch.Generator):
+    def __init__(self, top_p: float, top_k: int, temperature: float, generator: torch.Generator,
+                 defer_tie_check: bool = False):
         self.top_p, self.top_k, self.temperature = top_p, top_k, temperature
         self.generator = generator
+        self.defer_tie_check = defer_tie_check
+        self._overflowed: torch.Tensor | None = None  # on the device; only when deferred
+
+    def ties_overflowed(self) -> bool:
+        """Whether a deferred step had more ties than the slack, so that its draws are not the
+        ones the full sort gives. Reads the device once (a host sync): call it after ``generate``."""
+        return self._overflowed is not None and bool(self._overflowed)
 
     def candidates(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, token ids) of each row's candidates, best first; zero outside the nucleus."""
@@ -43,8 +60,13 @@ class NucleusSampler:
         width = min(vocab, k + _TIE_SLACK)
         values, ids = torch.topk(scores, width, dim=-1)
         kth = values[:, k - 1:k]
-        if width < vocab and bool((values[:, -1:] >= kth).any()):  # more ties than slack
-            values, ids = torch.sort(scores, dim=-1, descending=True)
+        if width < vocab:
+            overflowed = (values[:, -1:] >= kth).any()  # more ties than slack
+            if self.defer_tie_check:
+                previous = self._overflowed
+                self._overflowed = overflowed if previous is None else previous | overflowed
+            elif bool(overflowed):
+                values, ids = torch.sort(scores, dim=-1, descending=True)
         values = values.masked_fill(values < kth, float("-inf"))
         # Top-p as TopPLogitsWarper: in ascending order, drop the tokens whose cumulative
         # probability stays at or below 1 - top_p; the most likely one always stays.
