@@ -16,7 +16,7 @@ LOOPBACK_ENV := env -u RAY_ADDRESS \
 	HF_HUB_OFFLINE=1 \
 	NO_ALBUMENTATIONS_UPDATE=1
 
-.PHONY: install browser test demo bench clean
+.PHONY: install browser test demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -45,6 +45,19 @@ demo: install
 BENCH_ARGS ?= --shape base
 bench: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.bench --output bench_output $(BENCH_ARGS)
+
+# The first lent GPU's check (issue 15; BENCHMARKS.md, "GPU"): capfilt against the naive loop at the
+# BLIP-base and -large shapes, decode, parity, syncs, fine-tuning and peak memory, in one JSON, in
+# 8 minutes at most. It needs no install: the GPU machine has no .venv, no ray, no webdataset, so
+# it runs with that machine's own python3 (with pydantic and braceexpand carried as wheels, see
+# BENCHMARKS.md). On this CPU machine, at the tiny shape (a minute or two):
+#   make gpu-check PY=.venv/bin/python DEVICE=cpu SHAPE=tiny
+gpu-check: PY := python3
+gpu-check: DEVICE ?= cuda
+gpu-check: SHAPE ?= base,large
+gpu-check: GPU_CHECK_OUT ?= gpu_check/gpu_check.json
+gpu-check:
+	$(LOOPBACK_ENV) $(PY) -m pipelines.gpu_check --device $(DEVICE) --shape $(SHAPE) --output $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf demo_output bench_output .pytest_cache
