@@ -81,11 +81,11 @@ def test_an_empty_model_folder_is_refused_before_ray_starts(tiny_models, tmp_pat
     assert_one_line_error(result, "captioner.model", "holds no checkpoint")
 
 
-def captioner_missing_weights(tiny_models, folder):
-    """The captioner's folder with its decoder's last layer left out of the safetensors."""
+def missing_weights(checkpoint, folder):
+    """A copy of ``checkpoint`` with its text model's last layer left out of the safetensors."""
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(tiny_models[0], folder)
+    shutil.copytree(checkpoint, folder)
     tensors = load_file(folder / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if ".layer.1." not in k}, folder / "model.safetensors",
               metadata={"format": "pt"})
@@ -98,7 +98,7 @@ def test_a_checkpoint_that_does_not_load_whole_is_refused_before_ray_starts(tiny
     if case == "filter_as_captioner":
         model, words = tiny_models[1], ["is a BlipForImageTextRetrieval checkpoint", "BlipForConditionalGeneration"]
     else:
-        model = captioner_missing_weights(tiny_models, tmp_path / "cut")
+        model = missing_weights(tiny_models[0], tmp_path / "cut")
         words = ["does not load whole as BlipForConditionalGeneration", "weights missing (text_decoder: "]
     result = capfilt(*tiny_run(tiny_models, tmp_path / "web", tmp_path / "out", "--no-progress",
                                f"captioner.model={model}"))
@@ -194,10 +194,22 @@ def test_finetune_from_a_missing_init_is_one_line(pairs, tmp_path):
     assert_one_line_error(finetune(pairs, tmp_path / "out", tmp_path / "nope"), "finetune.filter.init", "nope")
 
 
+def test_finetune_from_a_checkpoint_that_does_not_load_whole_is_one_line(pairs, tiny_models, tmp_path):
+    cut = missing_weights(tiny_models[1], tmp_path / "cut")
+    assert_one_line_error(finetune(pairs, tmp_path / "out", cut), "finetune.filter.init", str(cut),
+                          "does not load whole as BlipForImageTextRetrieval", "weights missing")
+
+
 def test_finetune_rerun_with_another_init_is_one_line(pairs, tiny_models, tmp_path):
     from capfilt.models.tiny import build_tiny_models
 
-    assert finetune(pairs, tmp_path / "out", tiny_models[0]).returncode == 0
+    first = finetune(pairs, tmp_path / "out", tiny_models[0])
+    assert first.returncode == 0, first.stderr
+    # The documented partial start says what it reuses and what starts fresh.
+    said = re.search(r"is a captioner checkpoint: the filter reuses (.*) \(the text .* and starts (.*) fresh",
+                     first.stderr)
+    assert said and "vision_model: " in said[1] and "text_encoder: " in said[1], first.stderr
+    assert "itm_head: 2" in said[2] and "text_encoder" not in said[2], first.stderr
     other, _ = build_tiny_models(str(tmp_path / "narrow"), hidden=32)
     assert_one_line_error(finetune(pairs, tmp_path / "out", other), str(tmp_path / "out"), "another shape")
 

@@ -222,7 +222,8 @@ def test_resume_puts_the_optimizer_state_on_the_parameters_device(data, tmp_path
 
     cfg = train_cfg("filter", data, tmp_path / "filter", "finetune.filter.max_steps=1", "finetune.filter.val=null")
     finetune("filter", cfg, progress=False)
-    model, tokenizer, mean, std = build_model(BlipForImageTextRetrieval, cfg, expand_input(cfg.train), "a picture of ")
+    model, tokenizer, mean, std, _ = build_model(BlipForImageTextRetrieval, cfg, expand_input(cfg.train),
+                                                 "a picture of ")
     trainer = Trainer(FilterTask(model, tokenizer, cfg), cfg, tokenizer, mean, std, "meta")
     assert trainer.resume()
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]

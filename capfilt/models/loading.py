@@ -160,13 +160,13 @@ def _loading_report(model_cls: Any, name: str, revision: str | None) -> str:
     missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
     parts = []
     if missing:
-        parts.append(f"{len(missing)} weights missing ({_by_module(missing)})")
+        parts.append(f"{len(missing)} weights missing ({by_module(missing)})")
     if mismatched:
-        parts.append(f"{len(mismatched)} of another shape ({_by_module([m[0] for m in mismatched])})")
+        parts.append(f"{len(mismatched)} of another shape ({by_module([m[0] for m in mismatched])})")
     return "; ".join(parts)
 
 
-def _by_module(keys: list[str], shown: int = 4) -> str:
+def by_module(keys: list[str], shown: int = 4) -> str:
     """``text_encoder: 60, itm_head: 2``: weights counted by their top module."""
     counts: dict[str, int] = {}
     for k in keys:
@@ -201,7 +201,7 @@ def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str)
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # the driver checked (check_loads_whole); the files may have changed since
         raise ValueError(f"{name} does not load whole as {model_cls.__name__}: {len(missing)} weights "
-                         f"missing ({_by_module(missing)})")
+                         f"missing ({by_module(missing)})")
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     image_processor = load_image_processor(BlipImageProcessorPil, name, model.config, kwargs)

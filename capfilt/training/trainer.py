@@ -15,7 +15,8 @@ import torch
 
 from capfilt.config import TrainConfig
 from capfilt.io.fs import OutputDir, exists, expand_input, local_copy
-from capfilt.models.loading import check_checkpoint, load_image_processor, resolve_device
+from capfilt.models.loading import (by_module, check_checkpoint, check_loads_whole, load_image_processor,
+                                    resolve_device)
 from capfilt.runtime.progress import bar_interval
 from capfilt.training.data import ImageTransform, batches, count_pairs, iter_pairs, shuffled_pairs
 
@@ -34,12 +35,14 @@ def vocabulary(urls: list[str]) -> list[str]:
 
 
 def build_model(model_cls, cfg: TrainConfig, train_urls: list[str], prompt: str = ""):
-    """(model, tokenizer, mean, std): from ``cfg.init``, or from scratch with ``cfg.scratch``
+    """(model, tokenizer, mean, std, note): from ``cfg.init``, or from scratch with ``cfg.scratch``
     and a tokenizer of the training texts' words and the prompt's (a prompt spelled out in
-    single characters would take most of BLIP's 20-token caption length)."""
+    single characters would take most of BLIP's 20-token caption length). ``note``: what a filter
+    started from a captioner checkpoint reuses and starts fresh, else empty."""
     from transformers import AutoTokenizer
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+    note = ""  # what a partial start reuses and starts fresh
     if cfg.init:
         from transformers.utils import logging as hf_logging
 
@@ -48,13 +51,18 @@ def build_model(model_cls, cfg: TrainConfig, train_urls: list[str], prompt: str 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = model_cls.from_pretrained(cfg.init, use_safetensors=True)
+            model, info = model_cls.from_pretrained(cfg.init, use_safetensors=True, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
-        _share_captioner_text_weights(model, cfg.init)
+        shared = _share_captioner_text_weights(model, cfg.init)
+        fresh = sorted(set(info.get("missing_keys") or []) - {f"text_encoder.{n}" for n in shared})
+        if fresh:  # only a filter started from a captioner gets here (finetune checked the rest)
+            reused = [k for k in model.state_dict() if k not in fresh]
+            note = (f"{cfg.init} is a captioner checkpoint: the filter reuses {by_module(reused)} (the text "
+                    f"encoder from the captioner's decoder) and starts {by_module(fresh)} fresh")
         tokenizer = AutoTokenizer.from_pretrained(cfg.init)
         processor = load_image_processor(BlipImageProcessorPil, cfg.init, model.config, {})
-        return model, tokenizer, processor.image_mean, processor.image_std
+        return model, tokenizer, processor.image_mean, processor.image_std, note
     from capfilt.models.tiny import build_tokenizer, tiny_config
 
     words = sorted(set(vocabulary(train_urls)) | set(re.findall(r"[a-z0-9]+", prompt.lower())))
@@ -63,10 +71,10 @@ def build_model(model_cls, cfg: TrainConfig, train_urls: list[str], prompt: str 
     config = tiny_config(tokenizer, image_size=cfg.image_size, patch_size=shape.patch_size,
                          hidden=shape.hidden, layers=shape.layers, heads=shape.heads)
     torch.manual_seed(cfg.seed)
-    return model_cls(config), tokenizer, CLIP_MEAN, CLIP_STD
+    return model_cls(config), tokenizer, CLIP_MEAN, CLIP_STD, ""
 
 
-def _share_captioner_text_weights(model, init: str) -> None:
+def _share_captioner_text_weights(model, init: str) -> list[str]:
     """A filter started from a captioner: its text encoder starts from the captioner's decoder.
 
     In BLIP the encoder and decoder share embeddings, cross-attention and feed-forward
@@ -76,10 +84,10 @@ def _share_captioner_text_weights(model, init: str) -> None:
     from safetensors import safe_open
 
     if not hasattr(model, "text_encoder"):
-        return
+        return []
     path = os.path.join(init, "model.safetensors")
     if not exists(path):
-        return
+        return []
     prefix = "text_decoder.bert."
     own = model.text_encoder.state_dict()
     shared = {}
@@ -91,6 +99,7 @@ def _share_captioner_text_weights(model, init: str) -> None:
     if shared:
         model.text_encoder.load_state_dict(shared, strict=False)
         log.info("text encoder: %d tensors from the captioner's decoder in %s", len(shared), init)
+    return sorted(shared)
 
 
 def cosine_schedule(total: int, warmup: int, floor: float) -> Callable[[int], float]:
@@ -280,10 +289,13 @@ def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progres
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    if cfg.init:
-        check_checkpoint(f"finetune.{kind}.init", cfg.init)
     model_cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
-    model, tokenizer, mean, std = build_model(model_cls, cfg, expand_input(cfg.train), prompt)
+    if cfg.init:
+        checkpoint = check_checkpoint(f"finetune.{kind}.init", cfg.init)
+        # The one documented partial start: a filter from a captioner (build_model says what it reuses).
+        if not (kind == "filter" and "BlipForConditionalGeneration" in (checkpoint.get("architectures") or [])):
+            check_loads_whole(f"finetune.{kind}.init", cfg.init, None, model_cls, checkpoint)
+    model, tokenizer, mean, std, note = build_model(model_cls, cfg, expand_input(cfg.train), prompt)
     if model.config.vision_config.image_size != cfg.image_size:
         raise ValueError(f"finetune.{kind}.image_size is {cfg.image_size} but {cfg.init} was trained at "
                          f"{model.config.vision_config.image_size}; set image_size to that")
@@ -291,5 +303,7 @@ def finetune(kind: str, cfg: TrainConfig, prompt: str = "a picture of ", progres
             else FilterTask(model, tokenizer, cfg, first_token))
     trainer = Trainer(task, cfg, tokenizer, mean, std, device)
     trainer.resume()
+    if note and trainer.state["step"] == 0:  # a fresh start from a partial checkpoint: say what it is
+        log.warning("%s", note)
     trainer.fit(progress=progress)
     return trainer.save()
