@@ -12,18 +12,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from capfilt.config import Config
 from capfilt.decision import decide
 from capfilt.io.fs import OutputDir, configure_storage
-from capfilt.io.images import ImageError, decode_rgb
+from capfilt.io.images import SOURCE_SIZE, ImageError, UnsupportedProcessor, decode_rgb, model_input
 from capfilt.io.reader import read_shard
 from capfilt.io.writer import ShardWriter
 from capfilt.models.captioner import Captioner, batch_seed
 from capfilt.models.itm_filter import ITMFilter
 from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
-from capfilt.prefetch import prefetch_batches
+from capfilt.prefetch import pixel_batch, prefetch_batches
 from capfilt.runtime.shards import ShardTask
 from capfilt.redaction import redact_text
 from capfilt.sample import Sample
@@ -60,16 +58,20 @@ class CapFiltStep:
         }
 
     def prepare(self, sample: Sample) -> Sample:
-        """Decode and preprocess one image (runs on a decode thread)."""
+        """Decode one image and resize it for each model input, to uint8 (runs on a decode
+        thread). The rescale and normalise run on the model's device, in ``_judge``."""
         if sample.error is not None:
             return sample
         try:
-            image = decode_rgb(sample.image, self.config.reader.max_image_pixels, self.config.reader.image_formats)
-            sample.width, sample.height = image.size
-            sample.pixels = {
-                name: proc(images=image, return_tensors="np")["pixel_values"][0]
-                for name, proc in self.processors.items()
-            }
+            inputs = {name: model_input(proc) for name, proc in self.processors.items()}
+            # A JPEG may decode at reduced scale, never below the largest size a model resizes to.
+            at_least = (max(i.size[1] for i in inputs.values()), max(i.size[0] for i in inputs.values()))
+            reader = self.config.reader
+            image = decode_rgb(sample.image, reader.max_image_pixels, reader.image_formats, at_least)
+            sample.width, sample.height = image.info[SOURCE_SIZE]
+            sample.pixels = {name: model_in.resize(image) for name, model_in in inputs.items()}
+        except UnsupportedProcessor:  # the checkpoint's, not the image's: every image would fail
+            raise
         except ImageError as exc:
             return sample.fail(f"{sample.source}: {sample.key}.{sample.image_ext}: {exc}")
         except Exception as exc:  # whatever else this one image does costs only itself
@@ -86,7 +88,7 @@ class CapFiltStep:
         out = OutputDir(task.output)
         samples = read_shard(task.url, self.reader_options)
         batches = prefetch_batches(samples, self.prepare, rt.batch_size, rt.decode_threads,
-                                   rt.prefetch_batches)
+                                   rt.prefetch_batches, pin_memory=self.device == "cuda")
         model_seconds = 0.0  # in the models, to tell compute from I/O, decoding and Ray
         with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout,
                          stats) as writer:
@@ -127,15 +129,12 @@ class CapFiltStep:
             raise failures[0]
 
     def _judge(self, samples: list[Sample], seed: int) -> None:
-        import torch
-
-        pixels = {
-            name: torch.from_numpy(np.stack([s.pixels[name] for s in samples]))
-            for name in self.processors
-        }
-        if self.device == "cuda":
-            pixels = {n: p.pin_memory().to("cuda", non_blocking=True) for n, p in pixels.items()}
-        pixels = {n: p.to(self.dtype) for n, p in pixels.items()}
+        pixels = {}
+        for name, proc in self.processors.items():
+            batch = pixel_batch([s.pixels[name] for s in samples])  # uint8, pinned when prefetched for cuda
+            if self.device == "cuda":
+                batch = batch.to("cuda", non_blocking=True)
+            pixels[name] = model_input(proc).normalise(batch, self.dtype)  # on the device
         captions = self.captioner(pixels["captioner"], seed)
         texts = []
         for sample, caps in zip(samples, captions):

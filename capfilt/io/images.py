@@ -1,10 +1,19 @@
-"""Decode untrusted image bytes into RGB, bounded against decompression bombs."""
+"""Decode untrusted image bytes into RGB, bounded against decompression bombs, and turn RGB
+images into a model's input as its image processor does.
+
+The processor's work is split where the data is smallest, uint8 at the model's size: the
+resize runs on a decode thread (``ModelInput.resize``), the rescale and normalise on the
+model's device over a whole batch (``ModelInput.normalise``).
+"""
 
 from __future__ import annotations
 
 import io
 import warnings
+import weakref
+from typing import Any
 
+import numpy as np
 from PIL import Image, ImageFile
 
 from capfilt.config import IMAGE_FORMATS
@@ -17,6 +26,10 @@ SOURCE_SIZE = "source_size"
 
 class ImageError(ValueError):
     pass
+
+
+class UnsupportedProcessor(ValueError):
+    """An image processor whose preprocessing capfilt cannot split into resize and normalise."""
 
 
 def decode_rgb(data: bytes, max_pixels: int, formats=IMAGE_FORMATS,
@@ -76,3 +89,81 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     return img.convert("RGB")
+
+
+class ModelInput:
+    """One image processor's preprocessing, split at uint8 pixels of the model's size.
+
+    ``resize`` (a decode thread) is the processor's own resize: PIL's, with its filter, from
+    the RGB image to uint8 H×W×3. ``normalise`` (the model's device) looks each uint8 value
+    up in a table of the processor's own float32 output for it, channel by channel: the
+    rescale and normalise are pointwise, so the lookup equals the processor bit for bit,
+    whatever the order of its float operations.
+    """
+
+    def __init__(self, processor: Any):
+        self.size = _fixed_size(processor)  # (height, width)
+        self.resample = processor.resample
+        self.table = _value_table(processor, self.size)  # (3, 256) float32
+        self._tables: dict[tuple, Any] = {}  # (device, dtype) -> the table there
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """``image`` (RGB) at the model's size, uint8 H×W×3."""
+        height, width = self.size
+        return np.asarray(image.resize((width, height), resample=self.resample))
+
+    def normalise(self, pixels, dtype):
+        """A uint8 batch (B, H, W, 3) on any device, as the processor's (B, 3, H, W) of ``dtype``."""
+        import torch
+
+        key = (pixels.device, dtype)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(self.table).to(pixels.device, dtype)
+        table = self._tables[key]
+        batch, height, width, _ = pixels.shape
+        out = torch.empty((batch, 3, height, width), dtype=dtype, device=pixels.device)
+        for channel in range(3):  # per channel, the fastest lookup on a CPU
+            index = pixels[..., channel].to(torch.int32).flatten()
+            out[:, channel] = table[channel].index_select(0, index).view(batch, height, width)
+        return out
+
+
+_MODEL_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_input(processor: Any) -> ModelInput:
+    """The ``ModelInput`` of ``processor``, made once (its table costs one processor call)."""
+    found = _MODEL_INPUTS.get(processor)
+    if found is None:
+        found = _MODEL_INPUTS[processor] = ModelInput(processor)
+    return found
+
+
+def _fixed_size(processor: Any) -> tuple[int, int]:
+    size = getattr(processor, "size", None)
+    height, width = getattr(size, "height", None), getattr(size, "width", None)
+    unsupported = [name for name in ("do_center_crop", "do_pad") if getattr(processor, name, False)]
+    if not getattr(processor, "do_resize", False) or not (height and width) or unsupported:
+        raise UnsupportedProcessor(
+            f"{type(processor).__name__} (do_resize={getattr(processor, 'do_resize', None)}, size={size}"
+            f"{''.join(f', {name}=True' for name in unsupported)}): capfilt resizes every image to one "
+            f"height and width on its decode threads, and crops and pads nothing")
+    return height, width
+
+
+def _value_table(processor: Any, size: tuple[int, int]) -> np.ndarray:
+    """The processor's float32 output for every uint8 value of each channel: read off its
+    output for grey images of the model's size holding each value (PIL leaves an image
+    already at the size as it is), and checked to be pointwise."""
+    height, width = size
+    values = np.arange(256, dtype=np.uint8)
+    chunks = [values[start:start + height * width] for start in range(0, 256, height * width)]
+    greys = [np.resize(chunk, (height, width)) for chunk in chunks]
+    images = [Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB") for grey in greys]
+    out = np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+    table = np.concatenate([o.reshape(3, -1)[:, :len(c)] for o, c in zip(out, chunks)], axis=1)
+    if out.shape[1:] != (3, height, width) or not all(
+            np.array_equal(o, table[:, grey]) for o, grey in zip(out, greys)):
+        raise UnsupportedProcessor(f"{type(processor).__name__}: its output for an image of the model's "
+                                   f"size is not a function of each pixel's value alone")
+    return np.ascontiguousarray(table)
