@@ -3,8 +3,10 @@
     python -m pipelines.bench --shape base --images 16      # BLIP-base: ViT-B/16 at 384, BERT-base
     python -m pipelines.bench --shape small --images 32     # a few minutes on 2 CPU cores
     python -m pipelines.bench --device cuda --images 2048 --batch-size 256   # on a GPU
+    python -m pipelines.bench --only decode                  # decode and preprocess only, a minute
 
 Models are BLIP-shaped with random weights (no hub offline). In one run it measures:
+0. decode: capfilt's prepare on one thread, before issue 15 and now, on 1024x768 and 384x384 JPEGs;
 1. naive: ``BlipForConditionalGeneration.generate(do_sample=True, num_return_sequences=N)`` per
    batch, then ``BlipForImageTextRetrieval(...)`` on every (image, text) pair, as a user would write;
 2. model-only: capfilt's own model calls (``CapFiltStep.process_batch``) on pre-decoded tensors;
@@ -78,6 +80,108 @@ def write_shards(folder: str, images: int, shards: int) -> list[str]:
                            "json": json.dumps({"url": f"http://127.0.0.1/{i}.jpg"}).encode()})
         paths.append(path)
     return paths
+
+
+DECODE_SIZES = ((1024, 768), (384, 384))
+
+
+def photo_like_jpeg(size: tuple[int, int], seed: int) -> bytes:
+    """A JPEG (quality 90) with a photo's mix of smooth gradients, edges and noise: flat
+    synthetic images decode faster than real ones."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    width, height = size
+    img = Image.merge("RGB", [Image.linear_gradient("L").rotate(rng.randrange(360)).resize(size),
+                              Image.radial_gradient("L").resize(size), Image.effect_noise(size, 40)])
+    draw = ImageDraw.Draw(img)
+    for _ in range(30):
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.ellipse((x, y, x + rng.randrange(20, width // 3), y + rng.randrange(20, height // 3)),
+                     fill=tuple(rng.randrange(256) for _ in range(3)))
+    noise = Image.merge("RGB", [Image.effect_noise(size, 25)] * 3)
+    img = Image.blend(img, noise, 0.25).filter(ImageFilter.GaussianBlur(0.7))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def prepare_before(step, sample) -> dict[str, Any]:
+    """``CapFiltStep.prepare`` before issue 15: the whole JPEG decoded, then the processor's
+    float32 output (resize, rescale and normalise on the decode thread)."""
+    from capfilt.io.images import decode_rgb
+
+    reader = step.config.reader
+    image = decode_rgb(sample.image, reader.max_image_pixels, reader.image_formats)
+    return {name: proc(images=image, return_tensors="np")["pixel_values"][0]
+            for name, proc in step.processors.items()}
+
+
+def decode(folder: str, image_size: int, images: int, repeats: int, batch: int) -> dict[str, Any]:
+    """Decode-and-preprocess images/s on one thread (one core): before and now, alternating,
+    the fastest of ``repeats`` kept. Now is what a decode thread does (``prepare``, then the
+    batch stacked into uint8); the normalise it no longer does runs on the model's device,
+    and is timed apart for a CPU device."""
+    import numpy as np
+    import torch
+
+    from capfilt.config import load_config
+    from capfilt.io.images import decode_rgb, model_input
+    from capfilt.models.tiny import build_tiny_models
+    from capfilt.prefetch import pixel_batch, stack_pixels
+    from capfilt.sample import Sample
+    from capfilt.step import CapFiltStep
+
+    torch.set_num_threads(1)
+    cap, itm = build_tiny_models(folder, image_size=image_size)  # prepare uses only their processors
+    step = CapFiltStep(load_config("configs/tiny.yaml", [f"captioner.model={cap}", f"filter.model={itm}"]))
+
+    def now(datas: list[bytes]) -> list[Sample]:
+        samples = [step.prepare(Sample(key=str(i), image=d, image_ext="jpg")) for i, d in enumerate(datas)]
+        for start in range(0, len(samples), batch):
+            stack_pixels(samples[start:start + batch])
+        return samples
+
+    result: dict[str, Any] = {"model_image_size": image_size, "images": images, "threads": 1, "sizes": {}}
+    for width, height in DECODE_SIZES:
+        datas = [photo_like_jpeg((width, height), seed) for seed in range(images)]
+        runs: dict[str, list[float]] = {"before": [], "now": []}
+        for _ in range(repeats):
+            for name, fn in (("before", lambda: [prepare_before(step, Sample(key="", image=d)) for d in datas]),
+                             ("now", lambda: now(datas))):
+                start = time.perf_counter()
+                fn()
+                runs[name].append(images / (time.perf_counter() - start))
+        proc = step.processors["captioner"]
+        full = [model_input(proc).resize(decode_rgb(d, 10**9)) for d in datas]  # the resize of a whole decode
+        drafted = [s.pixels["captioner"].batch[s.pixels["captioner"].index].numpy() for s in now(datas)]
+        levels = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(full, drafted)]
+        result["sizes"][f"{width}x{height}"] = {
+            "jpeg_kb": round(sum(map(len, datas)) / images / 1024, 1),
+            "before_images_per_s": max(runs["before"]), "now_images_per_s": max(runs["now"]),
+            "all_before": runs["before"], "all_now": runs["now"],
+            "now/before": max(runs["now"]) / max(runs["before"]),
+            # each repeat's now against the before just ahead of it: less at the mercy of one fast spell
+            "now/before_per_repeat": [n / b for n, b in zip(runs["now"], runs["before"])],
+            # what reduced-scale decoding changes at the model's input, in uint8 levels
+            "mean_abs_diff_vs_whole_decode": float(np.mean(levels))}
+    rows = [s.pixels["captioner"] for s in now(datas)]
+    start = time.perf_counter()
+    model_input(proc).normalise(pixel_batch(rows), torch.float32)
+    result["normalise_on_cpu_images_per_s"] = len(rows) / (time.perf_counter() - start)
+    return result
+
+
+def report_decode(result: dict[str, Any]) -> None:
+    print(f"\ndecode and preprocess, one thread, model input {result['model_image_size']}, "
+          f"{result['images']} JPEGs of each size:")
+    for size, r in result["sizes"].items():
+        print(f"  {size:<9} before {r['before_images_per_s']:7.1f} images/s, now {r['now_images_per_s']:7.1f} "
+              f"images/s: {r['now/before']:.2f}x (per repeat: "
+              f"{', '.join(f'{x:.2f}' for x in r['now/before_per_repeat'])}; {r['jpeg_kb']} kB each; "
+              f"now differs from a whole decode "
+              f"by {r['mean_abs_diff_vs_whole_decode']:.2f} levels on average)")
+    print(f"  normalise on a CPU device: {result['normalise_on_cpu_images_per_s']:.0f} images/s")
 
 
 def load_samples(paths: list[str]):
@@ -270,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure each of naive, model-only and end to end this many times, "
                              "model-only and end to end alternating, then naive, and keep the fastest "
                              "(this machine's speed wanders by ~10%%)")
+    parser.add_argument("--decode-images", type=int, default=32,
+                        help="JPEGs of each size for the decode measurement")
+    parser.add_argument("--only", choices=["decode"],
+                        help="decode: only the decode-and-preprocess measurement")
     parser.add_argument("--output", default="bench_output")
     args = parser.parse_args(argv)
 
@@ -277,12 +385,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from capfilt.config import load_config
 
+    size = SHAPES[args.shape]["image_size"]
+    decoded = isolated(1, decode, os.path.join(args.output, f"decode_models_{size}"), size,
+                       args.decode_images, args.repeats, args.batch_size)
+    report_decode(decoded)
+    if args.only == "decode":
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "bench.json"), "w") as f:
+            json.dump({"decode": decoded}, f, indent=2)
+        return 0
     torch.set_num_threads(args.threads)
     cap, itm = build_models(os.path.join(args.output, f"models_{args.shape}"), args.shape)
     paths = write_shards(os.path.join(args.output, "shards"), args.images, args.shards)
     result: dict[str, Any] = {"shape": args.shape, "images": args.images, "num_captions": args.num_captions,
                               "batch_size": args.batch_size, "threads": args.threads,
-                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+                              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                              "decode": decoded}
     # Each measurement runs in a fresh process, as cold as a Ray worker starts (oneDNN and the
     # allocator warm up per process and shape). Each is repeated and the fastest kept, so
     # that a slow spell of the machine does not decide a ratio.

@@ -244,3 +244,18 @@ def test_an_unsupported_processor_fails_the_shard_not_each_image(step, monkeypat
     monkeypatch.setattr(step, "processors", {"captioner": BlipImageProcessorPil(do_resize=False)})
     with pytest.raises(UnsupportedProcessor):
         step.prepare(Sample(key="k", image=image_bytes("red"), image_ext="jpg"))
+
+
+def test_bench_decode_section_runs_alone(tmp_path):
+    import json
+
+    from pipelines import bench
+
+    assert bench.main(["--only", "decode", "--shape", "small", "--decode-images", "2", "--repeats", "1",
+                       "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())["decode"]
+    assert set(result["sizes"]) == {"1024x768", "384x384"} and result["model_image_size"] == 224
+    for r in result["sizes"].values():
+        assert r["before_images_per_s"] > 0 and r["now_images_per_s"] > 0
+        assert r["now/before"] == r["now_images_per_s"] / r["before_images_per_s"]
+        assert len(r["now/before_per_repeat"]) == 1 and 0 <= r["mean_abs_diff_vs_whole_decode"] < 5
