@@ -5,12 +5,15 @@ import os
 import signal
 import time
 
+from capfilt.io.layout import LOCK_FILE
 from capfilt.stats import TIMING
 
 def snapshot(out) -> dict[str, object]:
     """Every output file's content, with the run-to-run timing fields taken out."""
     files = {}
     for name in sorted(os.listdir(out)):
+        if name == LOCK_FILE:  # who held the folder last: another pid each run
+            continue
         data = (out / name).read_bytes()
         if name.endswith(".json"):
             obj = json.loads(data)

@@ -126,7 +126,8 @@ def test_worker_sigkill_mid_shard_is_redone_identically(clean, tiny_models, tmp_
     out = tmp_path / "out"
     config = load_config("configs/tiny.yaml", args(tiny_models, "x", "y")[8:],
                          input=str(clean["inputs"]), output=str(out))
-    executor = RayExecutor(lambda: make_step(config), config.runtime)
+    fingerprint = json.loads((clean["out"] / "run.json").read_text())["fingerprint"]
+    executor = RayExecutor(lambda: make_step(config, fingerprint), config.runtime)
     killed = []
 
     def killer():
