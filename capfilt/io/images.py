@@ -9,6 +9,7 @@ model's device over a whole batch (``ModelInput.normalise``).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 import weakref
 from typing import Any
@@ -70,7 +71,13 @@ def decode_rgb(data: bytes, max_pixels: int, formats=IMAGE_FORMATS,
     except Image.DecompressionBombError as exc:
         raise ImageError(f"decompression bomb: {exc}") from exc
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        # Not the repr of PIL's buffer (`<_io.BytesIO object at 0x7f...>`): another address each
+        # run, and the error row would differ between a run and its resume.
+        said = _ADDRESS.sub(" object", str(exc))
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {said}") from exc
+
+
+_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
