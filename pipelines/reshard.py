@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from capfilt.reshard import reshard
-from capfilt.runtime.progress import bar_interval
+from capfilt.runtime.progress import DoneBar
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Reshard as ``args`` say; a bad input raises ``ReshardError`` (a ValueError) or OSError."""
-    bar = _Bar(disable=args.no_progress)
+    bar = DoneBar("reshard", disable=args.no_progress)
     try:
         summary = reshard(args.input, args.output, samples_per_shard=args.samples_per_shard,
                           bytes_per_shard=args.bytes_per_shard, overwrite=args.mode == "overwrite",
@@ -68,26 +68,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     from pipelines.cli import guarded
 
     return guarded(main, args)
-
-
-class _Bar:
-    """A tqdm bar over kept samples, opened at the first report (so a refusal shows none)."""
-
-    def __init__(self, disable: bool):
-        self.disable = disable
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc="reshard", disable=self.disable,
-                            dynamic_ncols=True, mininterval=bar_interval())
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def print_summary(summary: dict[str, Any], output: str) -> None:

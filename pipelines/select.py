@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from capfilt.select import SelectOutcome, select
-from capfilt.runtime.progress import bar_interval
+from capfilt.runtime.progress import DoneBar
 from pipelines.arguments import add_config, add_mode, add_progress, load
 
 
@@ -22,33 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load(args, input=args.input, output=args.new)
-    bar = _Bar(disable=args.no_progress)
+    bar = DoneBar("select", disable=args.no_progress)
     try:
         outcome = select(args.run, config, args.mode, progress=bar)
     finally:
         bar.close()
     print(format_summary(outcome, args.new))
     return 0
-
-
-class _Bar:
-    """A tqdm bar over samples, opened at the first report (so a refusal shows none)."""
-
-    def __init__(self, disable: bool):
-        self.disable = disable
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc="select", disable=self.disable,
-                            dynamic_ncols=True, mininterval=bar_interval())
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def format_summary(outcome: SelectOutcome, output: str) -> str:

@@ -34,6 +34,27 @@ def bar_interval() -> float:
     return 0.1 if isatty is not None and isatty() else 30.0
 
 
+class DoneBar:
+    """A tqdm bar fed ``(done, total)``, opened at the first report (so a refusal shows none):
+    reshard's and select's."""
+
+    def __init__(self, desc: str, disable: bool):
+        self.desc, self.disable = desc, disable
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=self.desc, disable=self.disable,
+                            dynamic_ncols=True, mininterval=bar_interval())
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class SampleBar:
     """A tqdm bar over samples, fed with the executor's running totals."""
 
