@@ -18,10 +18,10 @@ from importlib import metadata
 from typing import Any
 
 from capfilt.config import Config
-from capfilt.identity import fingerprint, output_identity, refuse_if_changed
+from capfilt.identity import RunRefused, fingerprint, output_identity, refuse_if_changed
 from capfilt.io.fs import OutputDir, configure_storage, expand_input, location
 from capfilt.io.lock import hold
-from capfilt.io.layout import RUN_FILE, SIZES_FILE, STATS_FILE, tar_name
+from capfilt.io.layout import RUN_FILE, SELECT_FILE, SIZES_FILE, STATS_FILE, tar_name
 from capfilt.runtime.executor import RayExecutor, ShardResult
 from capfilt.runtime.progress import SampleBar, estimate_samples
 from capfilt.runtime.shards import ShardTask, done_markers, plan_shards, split_done
@@ -185,8 +185,14 @@ def check_outside_input(urls: list[str], output: str) -> None:
 
 
 def check_compatible(out: OutputDir, identity: dict[str, Any], fp: str, mode: str) -> None:
-    """Refuse, naming what changed, an output folder whose run.json records another identity."""
-    if mode == "overwrite" or not out.exists(RUN_FILE):
+    """Refuse, naming what changed, an output folder whose run.json records another identity,
+    and a folder that holds a selection (``capfilt select``'s output, not a run's)."""
+    if mode == "overwrite":
+        return
+    if out.exists(SELECT_FILE):
+        raise RunRefused(f"{out.url} holds a selection made by capfilt select, not a run's output; use "
+                         "another output folder, or --mode overwrite to replace it")
+    if not out.exists(RUN_FILE):
         return
     refuse_if_changed(out.url, json.loads(out.read_text(RUN_FILE)), redact_strings(identity), fp, "output")
 

@@ -91,3 +91,13 @@ def test_swapped_weights_behind_a_folder_refuse_to_resume(tiny_models, tmp_path)
     assert after["filter"] != before["filter"] and after["captioner"] == before["captioner"]
     with pytest.raises(RunRefused, match=r'weights\.filter: "sha256:\w+" -> "sha256:\w+"'):
         run(config, progress=False)
+
+
+def test_a_run_into_a_selection_is_refused_unless_overwrite(tmp_path):
+    from capfilt.io.layout import SELECT_FILE
+    from capfilt.run import check_compatible
+
+    (tmp_path / SELECT_FILE).write_text("{}")
+    with pytest.raises(RunRefused, match="holds a selection made by capfilt select"):
+        check_compatible(OutputDir(str(tmp_path)), {}, "f1", "incremental")
+    check_compatible(OutputDir(str(tmp_path)), {}, "f1", "overwrite")
