@@ -35,7 +35,7 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 test: install browser
-	$(LOOPBACK_ENV) $(PY) -m pytest -q tests
+	$(LOOPBACK_ENV) $(PY) -m pytest -q --durations=25 tests
 
 demo: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.demo --output demo_output

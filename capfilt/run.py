@@ -152,7 +152,8 @@ def check_models(config: Config) -> dict[str, str | None]:
     (``loading.checkpoint_identity``)."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-    from capfilt.models.loading import check_checkpoint, check_loads_whole, checkpoint_identity, text_positions
+    from capfilt.models.loading import (check_checkpoint, check_itm_first_token, check_loads_whole,
+                                        checkpoint_identity, text_positions)
 
     slots = (("captioner", config.captioner, "max_length", BlipForConditionalGeneration),
              ("filter", config.filter, "max_text_tokens", BlipForImageTextRetrieval))
@@ -160,6 +161,8 @@ def check_models(config: Config) -> dict[str, str | None]:
     for slot, section, length_key, model_cls in slots:
         checkpoint = check_checkpoint(f"{slot}.model", section.model, section.revision)
         check_loads_whole(f"{slot}.model", section.model, section.revision, model_cls, checkpoint)
+        if slot == "filter":  # the ITM first token the checkpoint's tokenizer can give
+            check_itm_first_token(f"{slot}.model", section.model, section.revision, section.first_token, checkpoint)
         # A longer text would index past the position embeddings in every batch of every shard.
         positions, wanted = text_positions(checkpoint), getattr(section, length_key)
         if positions is not None and wanted > positions:

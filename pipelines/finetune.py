@@ -27,7 +27,8 @@ def run(config: Config, kind: str, progress: bool = True) -> str:
     configure_storage(config.storage_options)  # the output (and its checkpoints) may be on s3://
     cfg = getattr(config.finetune, kind)
     try:
-        path = finetune(kind, cfg, prompt=config.captioner.prompt, progress=progress)
+        path = finetune(kind, cfg, prompt=config.captioner.prompt, progress=progress,
+                        first_token=config.filter.first_token)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"the last checkpoint is in {cfg.output}; rerun the same command to "
                                 "resume from it") from None

@@ -105,6 +105,16 @@ def test_a_checkpoint_that_does_not_load_whole_is_refused_before_ray_starts(tiny
     assert_one_line_error(result, "captioner.model", str(model), *words)
 
 
+def test_a_filter_tokenizer_without_enc_is_refused_before_ray_starts(tiny_models, tmp_path):
+    from test_models import without_enc
+
+    make_web_shards(tmp_path / "web", shards=1, per_shard=2)
+    folder = without_enc(tiny_models[1], tmp_path)
+    result = capfilt(*tiny_run(tiny_models, tmp_path / "web", tmp_path / "out", "--no-progress",
+                               f"filter.model={folder}"))
+    assert_one_line_error(result, "filter.model", folder, "has no [ENC] token", "filter.first_token: cls")
+
+
 @pytest.mark.parametrize("override, key", [("captioner.max_length=200", "captioner.max_length"),
                                            ("filter.max_text_tokens=100", "filter.max_text_tokens")])
 def test_a_text_length_beyond_the_models_positions_is_refused_before_ray_starts(

@@ -85,8 +85,12 @@ def test_swapped_weights_behind_a_folder_refuse_to_resume(tiny_models, tmp_path)
     config = load_config("configs/tiny.yaml", overrides, input=str(tmp_path / "web"), output=str(tmp_path / "out"))
     before = check_models(config)
     assert run(config, progress=False).exit_code == 0
-    # another checkpoint's weights (the captioner's safetensors) under the same folder
-    shutil.copy(f"{cap}/model.safetensors", filter_copy / "model.safetensors")
+    # other weights of the same shapes under the same folder (one head retrained, say)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(filter_copy / "model.safetensors")
+    tensors["itm_head.bias"] = tensors["itm_head.bias"] + 1
+    save_file(tensors, filter_copy / "model.safetensors", metadata={"format": "pt"})
     after = check_models(config)
     assert after["filter"] != before["filter"] and after["captioner"] == before["captioner"]
     with pytest.raises(RunRefused, match=r'weights\.filter: "sha256:\w+" -> "sha256:\w+"'):

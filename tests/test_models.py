@@ -185,6 +185,23 @@ def test_a_tokenizer_without_enc_is_refused_naming_the_checkpoint(tiny_models, t
     assert check_itm_first_token("filter.model", tiny_models[1], None, "auto", config) == "enc"
 
 
+def test_a_plain_bert_tokenizer_of_a_blip_model_takes_enc_after_dec(itm):
+    """transformers' conversion gave BLIP's checkpoints plain BERT's tokenizer, whose vocabulary
+    names neither [DEC] nor [ENC]; the model's embeddings hold both after it, [ENC] last."""
+    from transformers import BertTokenizerFast
+
+    from capfilt.models.loading import itm_first_token
+
+    vocab = itm.tokenizer.get_vocab()
+    words = [w for w in sorted(vocab, key=vocab.get) if w not in ("[DEC]", "[ENC]")]
+    bert = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert len(bert) == len(words)
+    blip_layout = {"text_config": {"vocab_size": len(words) + 2}}  # + [DEC] + [ENC]
+    assert itm_first_token("auto", bert, blip_layout, "k", "m") == ("enc", len(words) + 1)
+    with pytest.raises(ValueError, match=r"k: m's tokenizer has no \[ENC\] token"):
+        itm_first_token("auto", bert, {"text_config": {"vocab_size": len(words) + 5}}, "k", "m")
+
+
 def test_an_enc_id_past_the_vocabulary_is_refused(itm):
     from capfilt.models.loading import itm_first_token
 

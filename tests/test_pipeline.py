@@ -19,9 +19,11 @@ NUM_CAPTIONS = 3
 
 
 def direct_score(model, processor, tokenizer, image: bytes, text: str) -> float:
-    """What a user gets from transformers' BlipForImageTextRetrieval for one pair."""
+    """BLIP's ITM score of one pair: transformers' BlipForImageTextRetrieval forward with the
+    text's first token [ENC], as BLIP trained its ITM head (capfilt's filter.first_token default)."""
     pv = processor(images=Image.open(io.BytesIO(image)).convert("RGB"), return_tensors="pt")["pixel_values"]
     tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt")
+    tokens.input_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
     with torch.no_grad():
         logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                        pixel_values=pv).itm_score

@@ -279,12 +279,17 @@ def itm_first_token(setting: str, tokenizer, config: dict[str, Any], key: str, n
     if token == "cls":
         return token, None
     token_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+    vocab_size = (config.get("text_config") or {}).get("vocab_size")
+    if ENC_TOKEN not in tokenizer.get_vocab() and vocab_size == len(tokenizer) + 2:
+        # BLIP's layout: its init_tokenizer appends [DEC] and then [ENC] to BERT's vocabulary, and
+        # the text model's embeddings hold both; a checkpoint converted with plain BERT's
+        # tokenizer (as transformers' conversion script does) names neither, yet has their rows.
+        return token, len(tokenizer) + 1
     if ENC_TOKEN not in tokenizer.get_vocab() or token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"{key}: {name}'s tokenizer has no {ENC_TOKEN} token, the first token BLIP "
                          f"trained its ITM head with; give a tokenizer with BLIP's {ENC_TOKEN} (salesforce/"
                          "BLIP's init_tokenizer adds it after [DEC]), or set filter.first_token: cls to "
                          "score with [CLS] as transformers' BlipForImageTextRetrieval does")
-    vocab_size = (config.get("text_config") or {}).get("vocab_size")
     if vocab_size is not None and token_id >= vocab_size:
         raise ValueError(f"{key}: {name}'s tokenizer gives {ENC_TOKEN} the id {token_id}, past the "
                          f"text model's {vocab_size} embeddings")
