@@ -10,7 +10,7 @@ from pipelines import bench
 @pytest.mark.timeout(400)
 def test_bench_small_shape_writes_every_measurement(tmp_path):
     assert bench.main(["--shape", "small", "--images", "4", "--batch-size", "2", "--num-captions", "2",
-                       "--repeats", "1", "--output", str(tmp_path)]) == 0
+                       "--decode-images", "2", "--repeats", "1", "--output", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     for name in ("naive_float32", "model_only_float32", "end_to_end_float32",
                  "model_only_bfloat16", "end_to_end_bfloat16"):

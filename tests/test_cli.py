@@ -281,8 +281,7 @@ def folder_bytes(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("where", ["the_input", "inside_the_input"])
-@pytest.mark.parametrize("mode", ["incremental", "overwrite"])
+@pytest.mark.parametrize("where, mode", [("the_input", "overwrite"), ("inside_the_input", "incremental")])
 def test_an_output_in_an_input_folder_is_refused_and_the_input_untouched(tiny_models, tmp_path, where, mode):
     web = tmp_path / "web"
     make_web_shards(web, shards=2, per_shard=2)
