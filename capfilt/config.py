@@ -99,6 +99,10 @@ class FilterConfig:
     # BlipForImageTextRetrieval feeds it. auto: the token `capfilt finetune` recorded in the
     # checkpoint's config.json, else enc (every BLIP retrieval checkpoint was trained with [ENC]).
     first_token: Literal["auto", "enc", "cls"] = "auto"
+    # Also record each text's ITC similarity (web_itc, caption_itc): the checkpoint's unimodal
+    # image and text encoders and projections, as BlipForImageTextRetrieval(use_itm_head=False)
+    # scores a pair, with [CLS] first. Recorded only: the ITM score decides.
+    itc: bool = True
 
 
 @dataclass(config=STRICT)
@@ -119,6 +123,9 @@ class WriterConfig:
     # pairs: one sample per kept (image, text) pair, keyed KEY_0, KEY_1, ...: BLIP's next
     # round trains on web and synthetic texts as separate pairs.
     layout: Literal["per_image", "pairs"] = "per_image"
+    # Each image's normalized ITC image embedding in the parquet (image_embedding, float16):
+    # what `capfilt select`'s dedup reads, so that no model runs again for it.
+    embeddings: bool = True
 
 
 # top_fraction's bound: a share of the whole run, more than none of it.
@@ -134,18 +141,25 @@ class SelectConfig:
     """
 
     threshold: Union[UnitInterval, None] = None  # on the ITM scores (web_score, caption_scores)
+    # On the ITC similarities (web_itc, caption_itc): a text must pass both thresholds.
+    # null: no ITC cut. Needs a run with filter.itc on.
+    itc_threshold: Union[Annotated[Float, Field(ge=-1.0, le=1.0)], None] = None
     selection: Union[Literal["best_score", "prefer_web"], None] = None
     # Keep only this share of the run's images (or texts), by top_score, over the whole run;
     # ties broken by key. null: no such cut.
     top_fraction: Union[Share, None] = None
     top_of: Literal["images", "texts"] = "images"
-    # The score it ranks by: ITM, an image's being its best text's (ITC once the run records it).
-    top_score: Literal["itm"] = "itm"
+    # The score it ranks by, an image's being its best text's: ITM, or ITC (filter.itc runs).
+    top_score: Literal["itm", "itc"] = "itm"
     max_captions: Union[NonNegativeInt, None] = None  # the k best synthetic captions per image
     # pairs layout: the expected share of synthetic texts among the pairs, drawn with `seed`.
     synthetic_share: Union[UnitInterval, None] = None
     seed: int = 0
     layout: Union[Literal["per_image", "pairs"], None] = None
+    # Drop near-duplicate images: those whose image embeddings (writer.embeddings) have cosine
+    # similarity >= dedup_threshold, over the whole run. One image of each group is kept.
+    dedup: bool = False
+    dedup_threshold: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.95
 
 
 @dataclass(config=STRICT)
