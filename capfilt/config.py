@@ -250,9 +250,14 @@ class RuntimeConfig:
     num_workers: Union[PositiveInt, Auto] = "auto"
     cpus_per_worker: Union[PositiveInt, Auto] = "auto"
     gpus_per_worker: Union[NonNegativeFloat, Auto] = "auto"
-    batch_size: PositiveInt = 16
+    # auto: 16 on a CPU; on a GPU, as many images as half its memory beyond the weights holds, a
+    # power of two up to 256 (capfilt/runtime/defaults.py). Part of the fingerprint, resolved.
+    batch_size: Union[PositiveInt, Auto] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 on a GPU that has it, float32 on a CPU (exact parity with transformers).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # float32 matmuls on a GPU in TF32 (10-bit mantissa, Ampere and later); false: exact float32.
+    tf32: bool = True
     seed: int = 0
     # Threads that decode and preprocess images ahead of the models.
     decode_threads: PositiveInt = 2

@@ -18,8 +18,9 @@ from typing import Any
 # 4: the done marker records the fingerprint, which covers batch size and weights.
 OUTPUT_REVISION = 4
 
-# runtime settings that change the output: the random stream is drawn per batch.
-RUNTIME_KEYS = ("seed", "dtype", "batch_size")
+# runtime settings that change the output: the random stream is drawn per batch, and the
+# precision of the matmuls moves scores and draws.
+RUNTIME_KEYS = ("seed", "dtype", "batch_size", "tf32")
 
 
 class RunRefused(RuntimeError):
@@ -42,26 +43,18 @@ def refuse_if_changed(url: str, record: dict[str, Any] | None, identity: dict[st
 
 def output_identity(config, weights: dict[str, str | None]) -> dict[str, Any]:
     """Everything that changes the output's bytes: the model, reader and writer sections, the
-    runtime settings above and the device kind, the identity of each slot's weights (hub commit or a hash of the
+    runtime settings above and the device kind, as ``auto`` resolves on this machine
+    (``runtime/defaults.py``), the identity of each slot's weights (hub commit or a hash of the
     local files) and capfilt's output revision. Not the input, the output or the placement."""
-    d = config.to_dict()
+    from capfilt.runtime.defaults import resolve_runtime, run_facts
+
+    runtime = resolve_runtime(config.runtime, run_facts(config.runtime))
     return {
-        **{section: d[section] for section in ("captioner", "filter", "reader", "writer")},
-        "runtime": {**{key: d["runtime"][key] for key in RUNTIME_KEYS}, "device": output_device(config.runtime)},
+        **{section: config.to_dict()[section] for section in ("captioner", "filter", "reader", "writer")},
+        "runtime": {**{key: getattr(runtime, key) for key in RUNTIME_KEYS}, "device": runtime.device},
         "weights": dict(weights),
         "output_revision": OUTPUT_REVISION,
     }
-
-
-def output_device(runtime) -> str:
-    """The kind of device the workers compute on: CPU and CUDA draw different captions from one
-    seed. ``auto`` is resolved here for a run on this machine; on a cluster it stays ``auto``
-    (the workers' machines decide), so set ``runtime.device`` there to pin it."""
-    if runtime.device != "auto" or runtime.ray_address is not None:
-        return runtime.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fingerprint(identity: dict[str, Any]) -> str:

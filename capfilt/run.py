@@ -22,6 +22,7 @@ from capfilt.identity import RunRefused, fingerprint, output_identity, refuse_if
 from capfilt.io.fs import OutputDir, configure_storage, expand_input, location
 from capfilt.io.lock import hold
 from capfilt.io.layout import RUN_FILE, SELECT_FILE, SIZES_FILE, STATS_FILE, tar_name
+from capfilt.runtime.defaults import resolved_config
 from capfilt.runtime.executor import RayExecutor, ShardResult
 from capfilt.runtime.progress import SampleBar, estimate_samples
 from capfilt.runtime.shards import ShardTask, done_markers, plan_shards, split_done
@@ -57,7 +58,9 @@ def run(config: Config, mode: str = "incremental", verbose: bool = False,
         raise ValueError("no input: give --input or set 'input' in the config")
     if not config.output:
         raise ValueError("no output: give --output or set 'output' in the config")
-    identity = output_identity(config, check_models(config))
+    weights = check_models(config)
+    config = resolved_config(config)  # what auto is here: device, dtype, batch size
+    identity = output_identity(config, weights)
     fp = fingerprint(identity)
     configure_storage(config.storage_options)
     urls = expand_input(config.input)

@@ -22,6 +22,7 @@ from capfilt.models.captioner import Captioner, batch_seed
 from capfilt.models.itm_filter import ITMFilter
 from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
 from capfilt.prefetch import pixel_batch, prefetch_batches
+from capfilt.runtime.defaults import apply_precision, worker_runtime
 from capfilt.runtime.shards import ShardTask
 from capfilt.redaction import redact_text
 from capfilt.sample import Sample
@@ -39,11 +40,14 @@ class CapFiltStep:
         self.config = config
         self.fingerprint = fingerprint  # recorded in each shard's done marker
         configure_storage(config.storage_options)
-        rt = config.runtime
+        rt = worker_runtime(config.runtime)  # resolved at the run's start, unless on a cluster
         self.device = resolve_device(rt.device)
         self.dtype = torch_dtype(rt.dtype, self.device)
+        apply_precision(rt)
         self.captioner = Captioner(config.captioner, self.device, rt.dtype)
         self.filter = ITMFilter(config.filter, self.device, rt.dtype)
+        self.runtime = worker_runtime(rt, self.captioner.model.config.to_dict(),
+                                      self.filter.model.config.to_dict(), config.captioner, config.filter)
         cap_proc, itm_proc = self.captioner.image_processor, self.filter.image_processor
         # One preprocessing when both checkpoints preprocess alike (the usual case).
         self.processors = {"captioner": cap_proc}
@@ -82,7 +86,7 @@ class CapFiltStep:
     def run(self, task: ShardTask, report: Report | None = None,
             worker: dict[str, Any] | None = None) -> ShardStats:
         """Process one shard. ``worker`` (who runs it, from the executor) goes into the stats' timing."""
-        rt = self.config.runtime
+        rt = self.runtime
         stats = ShardStats(shard=task.name, input=redact_text(task.url), fingerprint=self.fingerprint)
         stats.start(worker or {"worker_pid": os.getpid()})
         out = OutputDir(task.output)
@@ -91,7 +95,7 @@ class CapFiltStep:
                                    rt.prefetch_batches, pin_memory=self.device == "cuda")
         model_seconds = 0.0  # in the models, to tell compute from I/O, decoding and Ray
         with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout,
-                         stats) as writer:
+                         stats, embeddings=self.config.writer.embeddings) as writer:
             for index, batch in enumerate(batches):
                 begin = time.perf_counter()
                 self.process_batch(batch, batch_seed(rt.seed, task.name, index))
@@ -140,13 +144,19 @@ class CapFiltStep:
         for sample, caps in zip(samples, captions):
             sample.captions = caps
             texts.append(_unique(([sample.web_text] if _scorable(sample.web_text) else []) + caps))
-        scores = self.filter(pixels.get("filter", pixels["captioner"]), texts)
+        scores = self.filter(pixels.get("filter", pixels["captioner"]), texts,
+                             embeddings=self.config.writer.embeddings)
         cfg = self.config.filter
-        for sample, image_texts, image_scores in zip(samples, texts, scores):
-            by_text = dict(zip(image_texts, image_scores))
+        for i, (sample, image_texts) in enumerate(zip(samples, texts)):
+            by_text = dict(zip(image_texts, scores.itm[i]))
+            itc = dict(zip(image_texts, scores.itc[i])) if scores.itc is not None else None
             if _scorable(sample.web_text):
                 sample.web_score = by_text[sample.web_text]
+                sample.web_itc = itc[sample.web_text] if itc is not None else None
             sample.caption_scores = [by_text[c] for c in sample.captions]
+            sample.caption_itc = [itc[c] for c in sample.captions] if itc is not None else []
+            if scores.embeddings is not None:
+                sample.embedding = scores.embeddings[i].astype("float16")
             decide(sample, cfg.threshold, cfg.selection)
 
 

@@ -39,10 +39,12 @@ def main(args: argparse.Namespace) -> int:
 def run(config: Config, labelled: str, target: str, value: float | None, output: str | None) -> dict[str, Any]:
     from capfilt.models.itm_filter import ITMFilter
     from capfilt.models.loading import resolve_device
+    from capfilt.runtime.defaults import resolved_config
 
     images, texts, labels = load_labelled(labelled)
-    itm = ITMFilter(config.filter, resolve_device(config.runtime.device), config.runtime.dtype)
-    scores = score_pairs(itm, images, texts, batch_size=config.runtime.batch_size)
+    rt = resolved_config(config).runtime  # auto: as a run here resolves it
+    itm = ITMFilter(config.filter, resolve_device(rt.device), rt.dtype)
+    scores = score_pairs(itm, images, texts, batch_size=rt.batch_size)
     points = curve(scores, labels)
     best = suggest(points, target, value)
     print_table(points, best, config.filter.threshold, len(labels), sum(labels))

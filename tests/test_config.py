@@ -59,7 +59,7 @@ def test_overrides_are_applied_with_yaml_typing():
     assert config.captioner.prompt == "a photo of "
     assert config.reader.image_extensions == ["jpg", "png"]
     # Untouched keys keep the file's values.
-    assert config.runtime.batch_size == 32
+    assert config.runtime.batch_size == "auto" and config.runtime.decode_threads == 4
 
 
 def test_override_sets_a_string_address():

@@ -51,7 +51,7 @@ def test_changes_name_each_key_that_differs():
     old = output_identity(load_config(LARGE, ["filter.threshold=0.3"]), WEIGHTS)
     new = output_identity(load_config(LARGE, ["filter.threshold=0.6", "runtime.batch_size=4"]),
                           {**WEIGHTS, "filter": "sha256:ccc"})
-    assert changes(old, new) == ["filter.threshold: 0.3 -> 0.6", "runtime.batch_size: 32 -> 4",
+    assert changes(old, new) == ["filter.threshold: 0.3 -> 0.6", "runtime.batch_size: 16 -> 4",
                                  'weights.filter: "commit:bbb" -> "sha256:ccc"']
 
 

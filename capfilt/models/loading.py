@@ -41,6 +41,10 @@ def poisons_device(exc: BaseException) -> bool:
 def torch_dtype(name: str, device: str):
     import torch
 
+    if name == "auto":  # as a run resolves it (capfilt/runtime/defaults.py)
+        from capfilt.runtime.defaults import local_facts, auto_dtype
+
+        name = auto_dtype(device, local_facts(device).bf16)
     if name == "float16" and device == "cpu":
         raise ValueError("runtime.dtype float16 is for GPUs; use bfloat16 or float32 on CPU")
     return getattr(torch, DTYPES[name])
