@@ -163,6 +163,28 @@ class SelectConfig:
 
 
 @dataclass(config=STRICT)
+class EvaluateConfig:
+    """``capfilt evaluate``: image-text retrieval as BLIP evaluates it (train_retrieval.py).
+
+    The checkpoint, its first token and text length are the filter's (``filter.model``,
+    ``filter.first_token``, ``filter.max_text_tokens``); device and dtype are ``runtime``'s.
+    """
+
+    # Candidates per query re-ranked by ITM: BLIP's k_test (256 for COCO, 128 for Flickr30k),
+    # capped at the number of candidates.
+    k_test: PositiveInt = 256
+    batch_size: PositiveInt = 64  # images per vision pass
+    text_batch_size: PositiveInt = 256  # texts per text-encoder pass (BLIP's text_bs)
+    itm_batch_size: PositiveInt = 256  # (image, text) pairs per ITM forward
+    # ITM accuracy: a pair is predicted to match when softmax(itm_logits)[1] >= threshold.
+    threshold: UnitInterval = 0.5
+    # The .json field whose samples are one image (several samples, one text each), and the
+    # .json field holding a sample's list of texts (else its .txt, one text per line).
+    image_id_field: str = "image_id"
+    captions_field: str = "captions"
+
+
+@dataclass(config=STRICT)
 class DownloadConfig:
     """img2dataset's options for ``capfilt download``; names and meanings are img2dataset's."""
 
@@ -289,6 +311,7 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
