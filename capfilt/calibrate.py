@@ -144,5 +144,5 @@ def score_pairs(itm_filter, images: list, texts: list[str], batch_size: int = 32
         pixels = torch.from_numpy(np.stack([processor(images=im, return_tensors="np")["pixel_values"][0]
                                             for im in chunk]))
         result = itm_filter(pixels, [[t] for t in texts[start:start + batch_size]])
-        scores += [row[0] for row in result]
+        scores += [row[0] for row in result.itm]
     return scores

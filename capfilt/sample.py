@@ -35,6 +35,11 @@ class Sample:
     captions: list[str] = field(default_factory=list)
     web_score: float | None = None
     caption_scores: list[float] = field(default_factory=list)
+    # ITC similarities (filter.itc), recorded beside the ITM scores; the ITM scores decide.
+    web_itc: float | None = None
+    caption_itc: list[float] = field(default_factory=list)
+    # The image's normalised ITC embedding, a float16 numpy vector (writer.embeddings).
+    embedding: Any = None
     # Filled by the decision stage.
     status: str | None = None
     kept_texts: list[tuple[str, str, float]] = field(default_factory=list)  # (text, origin, score)

@@ -110,7 +110,7 @@ def calibrate(filter_path: str, val_dir: str):
     images = [Image.open(io.BytesIO(p.image)).convert("RGB") for p in pairs]
     others = [pairs[(i + 1) % len(pairs)].text for i in range(len(pairs))]
     keep = [i for i, p in enumerate(pairs) if others[i] != p.text]
-    itm = ITMFilter(FilterConfig(model=filter_path), "cpu", "float32")
+    itm = ITMFilter(FilterConfig(model=filter_path, itc=False), "cpu", "float32")  # ITM alone decides
     scores = score_pairs(itm, images + [images[i] for i in keep], [p.text for p in pairs] + [others[i] for i in keep])
     labels = [True] * len(pairs) + [False] * len(keep)
     return suggest(curve(scores, labels), "balanced_accuracy")

@@ -467,7 +467,7 @@ def itm_parity(paths, token: str, dtype: str, reference, pixels, texts: list[lis
 
     cfg = capfilt_config(*paths, device, dtype, *first_token_overrides(token)).filter
     itm = ITMFilter(cfg, device, dtype)
-    got = itm(pixels.to(device, getattr(torch, dtype)), texts)
+    got = itm(pixels.to(device, getattr(torch, dtype)), texts).itm
     first_id = itm.tokenizer.convert_tokens_to_ids("[ENC]") if token == "enc" else None
 
     def want(image: int, text: str) -> float:

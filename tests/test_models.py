@@ -105,7 +105,7 @@ def test_filter_scores_equal_per_pair_retrieval_forward(sharp_itm, sharp_itm_cls
     itm = {"enc": sharp_itm, "cls": sharp_itm_cls}[first_token]
     assert itm.first_token == first_token
     pv = pixels(itm.image_processor)
-    scores = itm(pv, PARITY_TEXTS)
+    scores = itm(pv, PARITY_TEXTS).itm
     assert_scores_equal_per_pair(itm, pv, PARITY_TEXTS, scores, 1e-4, first_token, truncation=True, max_length=35)
 
 
@@ -113,8 +113,8 @@ def test_enc_and_cls_scores_differ(sharp_itm, sharp_itm_cls):
     """The setting changes what the filter scores: on this model by far more than the parity
     tolerance, for every text."""
     pv = pixels(sharp_itm.image_processor)
-    enc, cls = torch.tensor(sharp_itm(pv, [["a red square", "blue", ""]] * 3)), \
-        torch.tensor(sharp_itm_cls(pv, [["a red square", "blue", ""]] * 3))
+    enc, cls = torch.tensor(sharp_itm(pv, [["a red square", "blue", ""]] * 3).itm), \
+        torch.tensor(sharp_itm_cls(pv, [["a red square", "blue", ""]] * 3).itm)
     assert (enc - cls).abs().min() > 100 * 1e-4, (enc, cls)
 
 
@@ -140,9 +140,9 @@ def test_auto_takes_the_token_the_checkpoint_records_else_enc(sharp_filter, shar
     assert sharp_itm.cfg.first_token == "auto" and sharp_itm.first_token == "enc"  # nothing recorded
     recorded_cls = with_record(sharp_filter, tmp_path, "cls", "cls")
     auto = ITMFilter(FilterConfig(model=recorded_cls), "cpu", "float32")
-    assert auto.first_token == "cls" and auto(pv, texts) == sharp_itm_cls(pv, texts)
+    assert auto.first_token == "cls" and auto(pv, texts).itm == sharp_itm_cls(pv, texts).itm
     recorded_enc = with_record(sharp_filter, tmp_path, "enc", "enc")
-    assert ITMFilter(FilterConfig(model=recorded_enc), "cpu", "float32")(pv, texts) == sharp_itm(pv, texts)
+    assert ITMFilter(FilterConfig(model=recorded_enc), "cpu", "float32")(pv, texts).itm == sharp_itm(pv, texts).itm
     # A setting other than auto wins over the record.
     assert ITMFilter(FilterConfig(model=recorded_cls, first_token="enc"), "cpu", "float32").first_token == "enc"
     with pytest.raises(ValueError, match="records capfilt_itm_first_token='sep'"):
@@ -213,7 +213,7 @@ def test_an_enc_id_past_the_vocabulary_is_refused(itm):
 
 def test_filter_scores_differ_between_images_and_texts(itm):
     pv = pixels(itm.image_processor)
-    scores = itm(pv, [["a red square", "blue"]] * 3)
+    scores = itm(pv, [["a red square", "blue"]] * 3).itm
     flat = [s for row in scores for s in row]
     assert len(set(round(s, 7) for s in flat)) > 1
     assert all(0.0 <= s <= 1.0 for s in flat)
@@ -309,8 +309,8 @@ def test_bfloat16_on_cpu_scores_close_to_float32(sharp_filter, sharp_itm):
     bf16 = ITMFilter(FilterConfig(model=sharp_filter), "cpu", "bfloat16")
     pv = pixels(sharp_itm.image_processor)
     texts = [["a red square", "a blue circle"]] * 3  # with [ENC], "blue" scores within 0.028 on two images
-    exact = torch.tensor(sharp_itm(pv, texts))
-    approx = torch.tensor(bf16(pv.to(torch.bfloat16), texts))
+    exact = torch.tensor(sharp_itm(pv, texts).itm)
+    approx = torch.tensor(bf16(pv.to(torch.bfloat16), texts).itm)
     # The test's power: its tolerance is under a tenth of the scores' spread between images,
     # and under half the smallest gap between two images' scores of a text.
     spread = (exact.max(0).values - exact.min(0).values).min().item()
@@ -376,7 +376,7 @@ def test_itm_scores_with_uneven_texts_per_image_equal_per_pair_forward(sharp_itm
     """Images with different numbers of texts (zero-padded side by side) score as pairs do."""
     pv = pixels(sharp_itm.image_processor)
     texts = [["a red square", "blue"], [], ["green circle on a plain background", "x", "a b c"]]
-    got = sharp_itm(pv, texts)
+    got = sharp_itm(pv, texts).itm
     assert [len(t) for t in got] == [2, 0, 3]
     assert_scores_equal_per_pair(sharp_itm, pv, texts, got, 1e-5, "enc")
 
@@ -396,7 +396,7 @@ def test_a_huge_web_text_is_cut_before_it_is_tokenized(itm, monkeypatch):
         return tokenize(self, texts, *args, **kwargs)
 
     monkeypatch.setattr(itm.tokenizer.__class__, "__call__", spy)
-    scores = itm(pv, [[huge, head + " word word"]])
+    scores = itm(pv, [[huge, head + " word word"]]).itm
     assert max(seen) <= itm.cfg.max_text_tokens * CHARS_PER_TOKEN
-    reference = itm(pv, [[head + " word" * 40]])[0][0]  # the same first 35 tokens
+    reference = itm(pv, [[head + " word" * 40]]).itm[0][0]  # the same first 35 tokens
     assert scores[0][0] == pytest.approx(reference, abs=1e-6)
