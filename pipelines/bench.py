@@ -4,13 +4,15 @@
     python -m pipelines.bench --shape small --images 32     # a few minutes on 2 CPU cores
     python -m pipelines.bench --device cuda --images 2048 --batch-size 256   # on a GPU
     python -m pipelines.bench --only decode                  # decode and preprocess only, a minute
+    python -m pipelines.bench --only select                  # select vs a tarfile loop only, a minute
 
 Models are BLIP-shaped with random weights (no hub offline). In one run it measures:
 0. decode: capfilt's prepare on one thread, before issue 15 and now, on 1024x768 and 384x384 JPEGs;
 1. naive: ``BlipForConditionalGeneration.generate(do_sample=True, num_return_sequences=N)`` per
    batch, then ``BlipForImageTextRetrieval(...)`` on every (image, text) pair, as a user would write;
 2. model-only: capfilt's own model calls (``CapFiltStep.process_batch``) on pre-decoded tensors;
-3. end to end: ``capfilt run`` from tar to tar through Ray.
+3. end to end: ``capfilt run`` from tar to tar through Ray;
+4. select: ``capfilt select`` against a plain tarfile loop, in samples/s (pipelines/select_bench.py).
 It prints images/s and the ratios, for each dtype, and writes them to OUTPUT/bench.json.
 """
 
@@ -25,6 +27,8 @@ import random
 import sys
 import time
 from typing import Any
+
+from pipelines import select_bench
 
 SHAPES = {
     # image, patch, hidden, layers, heads, intermediate
@@ -376,8 +380,14 @@ def main(argv: list[str] | None = None) -> int:
                              "(this machine's speed wanders by ~10%%)")
     parser.add_argument("--decode-images", type=int, default=32,
                         help="JPEGs of each size for the decode measurement")
-    parser.add_argument("--only", choices=["decode"],
-                        help="decode: only the decode-and-preprocess measurement")
+    parser.add_argument("--select-samples", type=int, default=10_000,
+                        help="small JPEG samples of the run that select and the tarfile loop read")
+    parser.add_argument("--select-shards", type=int, default=4)
+    parser.add_argument("--select-repeats", type=int, default=3,
+                        help="select and the tarfile loop alternate this many times; the fastest of each is kept")
+    parser.add_argument("--only", choices=["decode", "select"],
+                        help="decode: only the decode-and-preprocess measurement; select: only select "
+                             "against the tarfile loop")
     parser.add_argument("--output", default="bench_output")
     args = parser.parse_args(argv)
 
@@ -385,14 +395,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from capfilt.config import load_config
 
-    size = SHAPES[args.shape]["image_size"]
-    decoded = isolated(1, decode, os.path.join(args.output, f"decode_models_{size}"), size,
-                       args.decode_images, args.repeats, args.batch_size)
-    report_decode(decoded)
-    if args.only == "decode":
+    sections: dict[str, Any] = {}
+    if args.only in (None, "decode"):
+        size = SHAPES[args.shape]["image_size"]
+        sections["decode"] = isolated(1, decode, os.path.join(args.output, f"decode_models_{size}"), size,
+                                      args.decode_images, args.repeats, args.batch_size)
+        report_decode(sections["decode"])
+    if args.only in (None, "select"):
+        per_shard = -(-args.select_samples // args.select_shards)
+        sections["select"] = select_bench.select_vs_loop(args.output, args.select_shards, per_shard,
+                                                         args.select_repeats)
+        select_bench.report(sections["select"])
+    if args.only:
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "bench.json"), "w") as f:
-            json.dump({"decode": decoded}, f, indent=2)
+            json.dump(sections, f, indent=2)
         return 0
     torch.set_num_threads(args.threads)
     cap, itm = build_models(os.path.join(args.output, f"models_{args.shape}"), args.shape)
@@ -400,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"shape": args.shape, "images": args.images, "num_captions": args.num_captions,
                               "batch_size": args.batch_size, "threads": args.threads,
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                              "decode": decoded}
+                              **sections}
     # Each measurement runs in a fresh process, as cold as a Ray worker starts (oneDNN and the
     # allocator warm up per process and shape). Each is repeated and the fastest kept, so
     # that a slow spell of the machine does not decide a ratio.
