@@ -30,7 +30,7 @@ from capfilt.io.fs import OutputDir, exists, expand_input, open_read, read_json
 from capfilt.io.reader import split_key, unsafe_name
 from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, RUN_FILE, STATS_SUFFIX, parquet_name,
                                shard_files, shard_of_stats, stats_name, tar_name)
-from capfilt.io.writer import PARQUET_SCHEMA, TAR_BYTES
+from capfilt.io.writer import ADDED_COLUMNS, PARQUET_SCHEMA, TAR_BYTES
 from capfilt.stats import TIMING
 from capfilt.sample import KEPT
 
@@ -118,8 +118,9 @@ def _read_stats(url: str) -> dict[str, Any]:
 def _kept_rows(url: str, data: bytes) -> pa.Table:
     """The rows with status 'kept', in file order, with exactly ``PARQUET_SCHEMA``."""
     table = pq.read_table(pa.BufferReader(data))
-    if TAR_BYTES not in table.column_names:  # written before capfilt recorded it
-        table = table.append_column(TAR_BYTES, pa.nulls(table.num_rows, pa.int64()))
+    for name in ADDED_COLUMNS:  # written before capfilt recorded it: null
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, PARQUET_SCHEMA.field(name).type))
     missing = [n for n in PARQUET_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ReshardError(f"{url}: not a capfilt parquet (missing columns {missing})")

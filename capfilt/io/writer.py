@@ -28,6 +28,10 @@ TAR_MTIME = 0
 # pairs layout); null when it is not in the tar. capfilt reshard plans from it.
 TAR_BYTES = "tar_bytes"
 
+# Each image's normalised ITC embedding, float16 (writer.embeddings); null for an error row.
+# Why in the parquet and not in a file beside it: ARCHITECTURE.md, "Image embeddings".
+IMAGE_EMBEDDING = "image_embedding"
+
 PARQUET_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),
@@ -43,9 +47,12 @@ PARQUET_SCHEMA = pa.schema([
     pa.field("sha256", pa.string()),
     pa.field("web_text", pa.string()),
     pa.field("web_score", pa.float64()),
+    # The ITC similarity (filter.itc); null without a web text or with filter.itc off.
+    pa.field("web_itc", pa.float64()),
     pa.field("web_kept", pa.bool_()),
     pa.field("captions", pa.list_(pa.string())),
     pa.field("caption_scores", pa.list_(pa.float64())),
+    pa.field("caption_itc", pa.list_(pa.float64())),  # aligned with captions; empty with filter.itc off
     pa.field("text", pa.string()),
     pa.field("text_origin", pa.string()),
     pa.field("text_score", pa.float64()),
@@ -57,22 +64,36 @@ PARQUET_SCHEMA = pa.schema([
     pa.field(TAR_BYTES, pa.int64()),
     # What was wrong with the sample without costing it (a malformed json, a skipped member).
     pa.field("notes", pa.string()),
+    pa.field(IMAGE_EMBEDDING, pa.list_(pa.float16())),
 ])
 
 
+# Columns added to the parquet after its first revision: a run written before one lacks it, and
+# its readers (capfilt reshard) take it as null.
+ADDED_COLUMNS = (TAR_BYTES, "web_itc", "caption_itc", IMAGE_EMBEDDING)
+
+
 def capfilt_record(sample: Sample, threshold: float) -> dict[str, Any]:
-    """The ``capfilt`` object added to each kept sample's json."""
-    return {
+    """The ``capfilt`` object added to each kept sample's json; the ITC similarities (``itc``,
+    ``web_itc``) only when the filter recorded them."""
+    captions = [{"text": t, "score": s} for t, s in zip(sample.captions, sample.caption_scores)]
+    for caption, itc in zip(captions, sample.caption_itc):
+        caption["itc"] = itc
+    record = {
         "threshold": threshold,
         "web_text": sample.web_text,
         "web_score": sample.web_score,
-        "captions": [{"text": t, "score": s} for t, s in zip(sample.captions, sample.caption_scores)],
+        "captions": captions,
         "kept_texts": [{"text": t, "origin": o, "score": s} for t, o, s in sample.kept_texts],
         "text": sample.text,
     }
+    if sample.web_itc is not None:
+        record["web_itc"] = sample.web_itc
+    return record
 
 
-def parquet_row(sample: Sample) -> dict[str, Any]:
+def parquet_row(sample: Sample, embeddings: bool = True) -> dict[str, Any]:
+    """The sample's row; ``embeddings``: with its image embedding (never for an error row)."""
     chosen = next((k for k in sample.kept_texts if k[0] == sample.text), None)
     web_kept = None
     if sample.web_score is not None:
@@ -92,9 +113,11 @@ def parquet_row(sample: Sample) -> dict[str, Any]:
         "sha256": _typed(meta.get("sha256"), str),
         "web_text": sample.web_text,
         "web_score": sample.web_score,
+        "web_itc": sample.web_itc,
         "web_kept": web_kept,
         "captions": list(sample.captions),
         "caption_scores": list(sample.caption_scores),
+        "caption_itc": list(sample.caption_itc),
         "text": sample.text,
         "text_origin": chosen[1] if chosen else None,
         "text_score": chosen[2] if chosen else None,
@@ -105,6 +128,7 @@ def parquet_row(sample: Sample) -> dict[str, Any]:
         json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
         TAR_BYTES: None,
         "notes": "; ".join(sample.notes) or None,
+        IMAGE_EMBEDDING: sample.embedding if embeddings and sample.status != ERROR else None,
     }
 
 
@@ -169,8 +193,9 @@ class ShardWriter:
     """
 
     def __init__(self, out: OutputDir, shard: str, threshold: float, layout: str = "per_image",
-                 stats: ShardStats | None = None):
+                 stats: ShardStats | None = None, embeddings: bool = True):
         self.out, self.shard, self.threshold, self.layout = out, shard, threshold, layout
+        self.embeddings = embeddings  # writer.embeddings: the image_embedding column, else null
         self.stats = stats if stats is not None else ShardStats(shard=shard)
         self.rows: list[dict[str, Any]] = []  # a parquet row per sample, each checked as written
         self._stack = contextlib.ExitStack()
@@ -199,7 +224,7 @@ class ShardWriter:
 
     def _encode(self, sample: Sample) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The sample's parquet row and tar records, every value encoded: nothing is written yet."""
-        row = parquet_row(sample)
+        row = parquet_row(sample, self.embeddings)
         _check_utf8(row)
         if sample.status != KEPT:
             return row, []
