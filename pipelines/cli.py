@@ -27,6 +27,7 @@ COMMANDS = {
     "report": ("pipelines.report", "write a self-contained HTML report of an output folder"),
     "reshard": ("pipelines.reshard", "repack cleaned shards to a target size"),
     "select": ("pipelines.select", "decide again from a finished run's scores, with no model"),
+    "evaluate": ("pipelines.evaluate", "image-text retrieval of a filter checkpoint, as BLIP evaluates it"),
     "evaluate-convert": ("pipelines.karpathy_to_wds", "Karpathy-split JSON + images -> shards for evaluate"),
     "tiny-models": ("pipelines.tiny_models", "build tiny random BLIP checkpoints for offline tests"),
 }

@@ -92,6 +92,10 @@ def test_top_k_and_reranking_equal_blips_evaluation_over_whole_matrices():
     sims = rng.normal(size=(7, 12)).astype(np.float32)
     sims[:, 3] = sims[:, 5]  # two texts alike: ties in the top k
     itm = rng.normal(scale=2, size=(7, 12)).astype(np.float32)
+    # Image 0's third place is a tie of texts 3 and 5: at k=3 text 5 (the later) is re-ranked,
+    # and beats the image's own texts; text 3 would not have.
+    sims[0] = [0.9, 0.8, -0.5, 0.5, -0.5, 0.5, -0.6, -0.7, -0.8, -0.9, -0.95, -0.99]
+    itm[0, [0, 1, 3, 5]] = [0, 0, -5, 5]
     for k in (3, 12):
         chosen = candidates(torch.from_numpy(sims), image_texts, text_image, k)
         codes = pairs_to_score(chosen, text_image, 12)
@@ -107,7 +111,7 @@ def test_top_k_and_reranking_equal_blips_evaluation_over_whole_matrices():
 
 
 def test_hardest_negative_is_the_most_similar_text_of_another_image():
-    sims = torch.tensor([[0.9, 0.8, 0.7, 0.7], [0.1, 0.2, 0.3, 0.3]])
+    sims = torch.tensor([[0.9, 0.8, 0.7, 0.7], [0.3, 0.2, 0.3, 0.3]])
     text_image = np.array([0, 1, 1, 0])
     chosen = candidates(sims, [[0, 3], [1, 2]], text_image, 2)
     assert chosen.negatives.tolist() == [1, 3]  # image 1: texts 0 and 3 of image 0 tie; the later
@@ -220,3 +224,182 @@ def test_convert_keeps_raw_captions_and_finds_flickr_images_in_one_folder(tmp_pa
     (sample,) = read_shard(str(out / "00000.tar"))
     assert sample.meta == {"image_id": 0, "captions": ["A Dog."], "filename": "1.jpg", "imgid": 0}
     assert Image.open(io.BytesIO(sample.image)).size == (48, 40)
+
+
+# --- The models: held to transformers' BlipForImageTextRetrieval --------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharp_filter(tiny_models, tmp_path_factory):
+    """The tiny filter with its weights drawn wider (as tests/test_models.py's), so that its
+    scores depend on the image: the tiny one's move by ~3e-8 between images."""
+    import shutil
+
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    folder = tmp_path_factory.mktemp("sharp") / "filter"
+    shutil.copytree(tiny_models[1], folder)
+    config = BlipConfig.from_pretrained(folder)
+    for c in (config, config.text_config, config.vision_config):
+        c.initializer_range = 0.1
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BlipForImageTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+COLOURS = ["red", "green", "blue", "yellow"]
+TEXTS = [["a red square", "red"], ["a green square on the left", "green", "a big green shape"],
+         ["a blue circle"], ["yellow", "a yellow square at the top", "a picture of the sky"]]
+
+
+def reference(folder, images: list[bytes], texts: list[str]):
+    """transformers' own forward, loaded plainly: the ITC cosine of each (image, text) from
+    ``use_itm_head=False``, and ITM's logits of each pair from ``use_itm_head=True``, with the
+    text as tokenized ([CLS] first) and with [ENC] in its place (salesforce/BLIP's
+    ``text_ids[:,0] = enc_token_id``)."""
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    model = BlipForImageTextRetrieval.from_pretrained(folder).eval()
+    tokenizer, processor = AutoTokenizer.from_pretrained(folder), BlipImageProcessorPil.from_pretrained(folder)
+    pixels = torch.from_numpy(np.stack([
+        processor(images=Image.open(io.BytesIO(b)).convert("RGB"), return_tensors="np")["pixel_values"][0]
+        for b in images]))
+    n = len(images)
+    sims, logits = np.zeros((n, len(texts)), np.float32), {"cls": np.zeros((n, len(texts), 2), np.float32)}
+    logits["enc"] = logits["cls"].copy()
+    with torch.no_grad():
+        for t, text in enumerate(texts):
+            tokens = tokenizer(text, return_tensors="pt", truncation=True, max_length=35)
+            ids, mask = tokens.input_ids.repeat(n, 1), tokens.attention_mask.repeat(n, 1)
+            sims[:, t] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                               use_itm_head=False).itm_score[:, 0].numpy()
+            logits["cls"][:, t] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score.numpy()
+            ids = ids.clone()
+            ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
+            logits["enc"][:, t] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score.numpy()
+    return sims, logits
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [image_bytes(c, seed=i) for i, c in enumerate(COLOURS)]
+
+
+@pytest.fixture(scope="module")
+def expected(sharp_filter, images):
+    return reference(sharp_filter, images, [t for image_texts in TEXTS for t in image_texts])
+
+
+@pytest.mark.parametrize("first_token", ["enc", "cls"])
+def test_itc_similarities_and_itm_logits_equal_transformers_retrieval_model(
+        sharp_filter, images, expected, first_token, tmp_path):
+    """evaluate's passes (decode and resize as capfilt run, one vision pass per batch, the pairs
+    chunked across images) against the per-pair forward, to 1e-4: the similarity, and the raw
+    ITM logits with [CLS] or [ENC] first."""
+    from capfilt.config import Config, FilterConfig, RuntimeConfig
+    from capfilt.evaluate import encode_texts, image_batches, load_models, pair_logits
+
+    shard = write_shard(tmp_path / "a.tar", [{"key": str(i), "jpg": b, "json": {"captions": TEXTS[i]}}
+                                             for i, b in enumerate(images)])
+    cfg = EvaluateConfig(batch_size=4)
+    config = Config(filter=FilterConfig(model=sharp_filter, first_token=first_token),
+                    runtime=RuntimeConfig(device="cpu"), evaluate=cfg)
+    models = load_models(config)
+    found = EvalSet()
+    with torch.inference_mode():
+        ((_, states),) = image_batches(read_set([shard], cfg, config.reader, found), models, cfg, config.reader)
+        ids, mask, text_feats = encode_texts(models.itm, found.texts, 3, "cpu")
+        sims = (models.itm.image_features(states) @ text_feats.T).numpy()
+        pairs = [(i, t) for i in range(4) for t in range(len(found.texts))]
+        logits = pair_logits(models.itm, states, ids, mask, np.array([i for i, _ in pairs]),
+                             np.array([t for _, t in pairs]), 5)
+    ref_sims, ref_logits = expected
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits.reshape(4, -1, 2), ref_logits[first_token], atol=1e-4, rtol=0)
+    # A tolerance far below what separates any two images, and [ENC] from [CLS]: a text scored
+    # against another image, or with the other first token, fails.
+    for scores in (ref_sims, ref_logits[first_token][..., 1]):
+        gaps = np.abs(scores[:, None] - scores[None, :])[~np.eye(4, dtype=bool)]
+        assert gaps.min() > 10 * 1e-4
+    assert np.abs(ref_logits["enc"] - ref_logits["cls"]).min() > 10 * 1e-4
+
+
+def itm_scores(logits, text_image, sims):
+    """softmax(ITM logits)[1] of each text with its image (positives), and of each image with
+    its hardest negative, the other images' text most similar to it (the later of equals)."""
+    score = lambda pair: torch.softmax(torch.from_numpy(pair), -1)[1].item()  # noqa: E731
+    positives = np.array([score(logits[i, t]) for t, i in enumerate(text_image)])
+    negatives = []
+    for i in range(len(sims)):
+        others = [t for t in range(len(text_image)) if text_image[t] != i]
+        negatives.append(score(logits[i, max(others, key=lambda t: (sims[i, t], t))]))
+    return positives, np.array(negatives)
+
+
+def amid(scores):
+    """A threshold between the two middle scores, far from both: an accuracy that any score on
+    the wrong side of it changes."""
+    ordered = np.sort(scores)
+    low, high = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
+    assert high - low > 1e-3
+    return round(float(low + high) / 2, 6)
+
+
+def forms(tmp_path, images):
+    """The same evaluation set in both forms: samples sharing an image_id (one image's split
+    across two shards), and one sample per image with a captions list (or .txt lines)."""
+    shared, listed = tmp_path / "shared", tmp_path / "listed"
+    shared.mkdir()
+    listed.mkdir()
+    samples = [{"key": f"{i}_{j}", "jpg": images[i], "txt": text, "json": {"image_id": f"img{i}"}}
+               for i, texts in enumerate(TEXTS) for j, text in enumerate(texts)]
+    write_shard(shared / "00000.tar", samples[:4])
+    write_shard(shared / "00001.tar", samples[4:])
+    per_image = [{"key": str(i), "jpg": images[i], "json": {"captions": texts}} for i, texts in enumerate(TEXTS)]
+    per_image[3] = {"key": "3", "jpg": images[3], "txt": "\n".join(TEXTS[3])}
+    write_shard(listed / "00000.tar", per_image)
+    return shared, listed
+
+
+def test_evaluate_end_to_end_in_both_data_forms_equals_blips_evaluation(
+        sharp_filter, images, expected, tmp_path, capsys):
+    """``capfilt evaluate`` writes evaluate.json with BLIP's recall (k_test below the number of
+    candidates, so that -100 takes part) and the ITM accuracy, as BLIP's evaluation over
+    transformers' own scores gives them, in either data form."""
+    ref_sims, ref_logits = expected
+    text_image = [i for i, texts in enumerate(TEXTS) for _ in texts]
+    image_texts = [[t for t, i in enumerate(text_image) if i == image] for image in range(len(TEXTS))]
+    want = blip_evaluation(ref_sims, ref_logits["enc"][..., 1], image_texts, text_image, 3)
+    assert 0 < want["r_mean"] < 100
+    positives, negatives = itm_scores(ref_logits["enc"], text_image, ref_sims)
+    threshold = amid(np.concatenate([positives, negatives]))
+    accuracy = 100 * (np.mean(positives >= threshold) + np.mean(negatives < threshold)) / 2
+    reports = []
+    for form in forms(tmp_path, images):
+        out = tmp_path / f"eval_{form.name}"
+        assert main(["evaluate", "--model", sharp_filter, "--data", str(form), "--output", str(out),
+                     "--no-progress", "evaluate.k_test=3", "evaluate.batch_size=3", "evaluate.itm_batch_size=4",
+                     "evaluate.text_batch_size=4", f"evaluate.threshold={threshold}", "runtime.device=cpu"]) == 0
+        reports.append(json.loads((out / "evaluate.json").read_text()))
+        assert "image -> text (TR)" in capsys.readouterr().out
+    for report in reports:
+        assert (report["images"], report["texts"], report["k_test"]) == (4, 9, {"i2t": 3, "t2i": 3})
+        assert report["model"]["first_token"] == "enc"
+        assert report["retrieval"] == pytest.approx(want)
+        assert report["itc_retrieval"] == pytest.approx(
+            blip_evaluation(ref_sims, np.zeros_like(ref_sims), image_texts, text_image, 9))
+        itm = report["itm"]
+        assert itm["balanced_accuracy"] == pytest.approx(accuracy)
+        assert (itm["positives"], itm["negatives"], itm["threshold"]) == (9, 4, threshold)
+        assert itm["positives_mean_score"] == pytest.approx(positives.mean(), abs=1e-5)
+        assert itm["negatives_mean_score"] == pytest.approx(negatives.mean(), abs=1e-5)
+    assert reports[0]["retrieval"] == reports[1]["retrieval"] and reports[0]["itm"] == reports[1]["itm"]
+
+
+def test_evaluate_refuses_a_checkpoint_that_is_no_filter_in_one_line(tiny_models, tmp_path, capsys):
+    shard = write_shard(tmp_path / "a.tar", [{"key": "0", "jpg": image_bytes("red"), "txt": "red"}])
+    assert main(["evaluate", "--model", tiny_models[0], "--data", shard]) == 2
+    assert capsys.readouterr().err.strip() == (f"capfilt: --model: {tiny_models[0]} is a BlipForConditionalGeneration "
+                                               "checkpoint, not the BlipForImageTextRetrieval this slot needs")
