@@ -385,25 +385,16 @@ def evaluate(urls: list[str], config: Config, models: Models | None = None,
     """Evaluate ``config.filter.model`` on the shards ``urls``; the report ``evaluate.json`` holds."""
     import torch
 
-    cfg, reader = config.evaluate, config.reader
+    cfg = config.evaluate
     models = models or load_models(config)
     begin = time.perf_counter()
     found = EvalSet()
     with torch.inference_mode():
-        image_feats = [models.itm.image_features(states)
-                       for _, states in image_batches(read_set(urls, cfg, reader, found), models, cfg, reader)]
-        found.check()
+        input_ids, attention_mask, chosen = itc_pass(urls, config, models, found)
         image_texts, text_image = found.image_texts(), np.asarray(found.text_image, dtype=np.int64)
-        log.info("evaluate: %d images, %d texts", len(found.refs), len(found.texts))
-        input_ids, attention_mask, text_feats = encode_texts(models.itm, found.texts, cfg.text_batch_size,
-                                                             models.device)
-        sims = torch.cat(image_feats) @ text_feats.T
-        del image_feats, text_feats
-        chosen = candidates(sims, image_texts, text_image, cfg.k_test)
-        del sims
         n_images, n_texts = len(found.refs), len(found.texts)
         codes = pairs_to_score(chosen, text_image, n_texts)
-        logits = score_pairs(urls, reader, found, models, cfg, codes, input_ids, attention_mask, progress)
+        logits = score_pairs(urls, config.reader, found, models, cfg, codes, input_ids, attention_mask, progress)
 
     def itm_of(rows: np.ndarray, index: np.ndarray, by_text: bool) -> np.ndarray:
         index = index.astype(np.int64)
@@ -412,23 +403,47 @@ def evaluate(urls: list[str], config: Config, models: Models | None = None,
 
     text_ranks = reranked_ranks(*chosen.i2t, lambda r, i: itm_of(r, i, False), image_texts, n_texts)
     image_ranks = reranked_ranks(*chosen.t2i, lambda r, i: itm_of(r, i, True), text_image[:, None], n_images)
-    images = np.arange(n_images, dtype=np.int64)
+    return {
+        **provenance(config, models, urls),
+        "images": n_images, "texts": n_texts,
+        "k_test": {"i2t": min(cfg.k_test, n_texts), "t2i": min(cfg.k_test, n_images)},
+        "retrieval": recalls(text_ranks, image_ranks),
+        "itc_retrieval": recalls(*chosen.itc_ranks),
+        "itm": itm_accuracy(logits, codes, text_image * n_texts + np.arange(n_texts),
+                            np.arange(n_images) * n_texts + chosen.negatives, cfg.threshold),
+        "pairs_scored": len(codes),
+        "seconds": round(time.perf_counter() - begin, 3),
+    }
+
+
+def itc_pass(urls: list[str], config: Config, models: Models, found: EvalSet):
+    """Read the set into ``found``, and choose the candidates by ITC: (the texts' tokens and
+    masks, ``Candidates``). The similarity matrix lives only here."""
+    import torch
+
+    cfg, reader = config.evaluate, config.reader
+    image_feats = [models.itm.image_features(states)
+                   for _, states in image_batches(read_set(urls, cfg, reader, found), models, cfg, reader)]
+    found.check()
+    log.info("evaluate: %d images, %d texts", len(found.refs), len(found.texts))
+    input_ids, attention_mask, text_feats = encode_texts(models.itm, found.texts, cfg.text_batch_size,
+                                                         models.device)
+    sims = torch.cat(image_feats) @ text_feats.T
+    del image_feats, text_feats
+    return input_ids, attention_mask, candidates(sims, found.image_texts(),
+                                                 np.asarray(found.text_image, dtype=np.int64), cfg.k_test)
+
+
+def provenance(config: Config, models: Models, urls: list[str]) -> dict[str, Any]:
+    """What made the numbers: checkpoint, data, settings, device, versions."""
     return {
         "model": {"name": config.filter.model, "revision": config.filter.revision,
                   "resolved": models.itm.loaded.revision, "first_token": models.itm.first_token,
                   "max_text_tokens": config.filter.max_text_tokens},
         "data": [redact_text(u) for u in urls],
-        "evaluate": dataclasses.asdict(cfg),
+        "evaluate": dataclasses.asdict(config.evaluate),
         "runtime": {"device": models.device, "dtype": models.runtime.dtype, "tf32": models.runtime.tf32},
         "versions": versions(),
-        "images": n_images, "texts": n_texts, "k_test": {"i2t": min(cfg.k_test, n_texts),
-                                                         "t2i": min(cfg.k_test, n_images)},
-        "retrieval": recalls(text_ranks, image_ranks),
-        "itc_retrieval": recalls(*chosen.itc_ranks),
-        "itm": itm_accuracy(logits, codes, text_image * n_texts + np.arange(n_texts),
-                            images * n_texts + chosen.negatives, cfg.threshold),
-        "pairs_scored": len(codes),
-        "seconds": round(time.perf_counter() - begin, 3),
     }
 
 
