@@ -1,16 +1,19 @@
 """``capfilt select``: a new cleaned webdataset from a finished run's scores, with no model loaded.
 
-A run's parquet holds the ITM score of every text, kept or not, so any decision made from scores
-can be made again without the models: another threshold or selection, the top share of the
-whole run (a global quantile, as DataComp's top 30%), the k best captions per image, a
-web/synthetic mix of pairs, another layout. Each output shard is made from the run's parquet (the
-scores) and the run's input tar (the image and metadata bytes: the run's own tar lacks the images
+A run's parquet holds the ITM score (and ITC similarity) of every text, kept or not, and each
+image's embedding, so any decision made from them can be made again without the models: another
+threshold or selection, a threshold on the ITC similarities too, the top share of the whole run
+(a global quantile, as DataComp's top 30%), the k best captions per image, near-duplicate images
+removed, a web/synthetic mix of pairs, another layout. Each output shard is made from the run's
+parquet (the scores) and the run's input tar (the image and metadata bytes: the run's own tar lacks the images
 it dropped), through the run's decision (``decision.decide``) and writer (``ShardWriter``), so at
 the run's own policy select writes the run's bytes.
 
 Before any shard: the global cut reads one score column's worth of the run, then only the keys
-tied at the cut (``top_cutoff``); the mix counts the pairs the other policies keep over the run
-(``Mix.count``). Each shard's marker records select's fingerprint: the run's plus the policy.
+tied at the cut (``top_cutoff``); the near-duplicates are found among the images the other
+policies keep (``Duplicates.find``: one float32 matrix of their embeddings, ``capfilt.dedup``);
+the mix counts the pairs the other policies keep over the run (``Mix.count``). Each shard's
+marker records select's fingerprint: the run's plus the policy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -27,19 +31,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.config import Config, ReaderConfig, SelectConfig, build
 from capfilt.decision import SYNTHETIC, WEB, decide
+from capfilt.dedup import IndexPlan, near_duplicates
 from capfilt.identity import OUTPUT_REVISION, fingerprint, refuse_if_changed
-from capfilt.io.fs import OutputDir, configure_storage, expand_input, read_json, read_parquet
+from capfilt.io.fs import OutputDir, configure_storage, expand_input, read_json, read_parquet, read_parquet_schema
 from capfilt.io.layout import RUN_FILE, SELECT_FILE, SIZES_FILE, STATS_FILE, parquet_name, stats_name, tar_name
 from capfilt.io.lock import hold
 from capfilt.io.reader import read_shard
-from capfilt.io.writer import PARQUET_SCHEMA, ShardWriter
+from capfilt.io.writer import IMAGE_EMBEDDING, PARQUET_SCHEMA, ShardWriter
 from capfilt.redaction import MASK, redact_text
 from capfilt.run import check_outside_input
 from capfilt.runtime.shards import ShardTask, done_markers, plan_shards, split_done
@@ -49,22 +54,29 @@ from capfilt.stats import TIMING, Counts, ShardStats
 log = logging.getLogger(__name__)
 
 # Raised when select makes other output from the same run and policy (part of its fingerprint).
-SELECT_REVISION = 1
+# 2: the ITC policies and dedup; the ITC similarities and embeddings carried into the parquet.
+SELECT_REVISION = 2
 
 # Why a sample left: the run's error, or the first policy that took its last text.
-ERROR_REASON, BELOW_THRESHOLD, NOT_TOP_FRACTION, MAX_CAPTIONS, MIX = (
-    "error", "below_threshold", "not_top_fraction", "max_captions", "mix")
+ERROR_REASON, BELOW_THRESHOLD, BELOW_ITC_THRESHOLD, NOT_TOP_FRACTION, MAX_CAPTIONS, DUPLICATE, MIX = (
+    "error", "below_threshold", "below_itc_threshold", "not_top_fraction", "max_captions", "duplicate_of", "mix")
 KEPT_REASON = "kept"  # in the counts of reasons, the samples that did not leave
-# The parquet column of that reason (null for a kept sample), after the run's own columns.
+# The parquet column of that reason (null for a kept sample), after the run's own columns; a
+# near-duplicate's names the image kept for it, "duplicate_of KEY", counted as "duplicate_of".
 REASON = "select_reason"
 SELECT_SCHEMA = PARQUET_SCHEMA.append(pa.field(REASON, pa.string()))
 
 # Of the run's parquet: what the decision needs, and what shows the tar is the one the run read.
 ROW_COLUMNS = ["key", "status", "error", "image_bytes", "width", "height", "web_score", "captions",
                "caption_scores"]
+ITC_COLUMNS = ["web_itc", "caption_itc"]
+# Read when the run has them (a run older than them has not), and carried into the selection.
+CARRIED_COLUMNS = [*ITC_COLUMNS, IMAGE_EMBEDDING]
 # What ranks an image (its scores), and a text (the texts too: ``candidates`` counts each once).
 SCORE_COLUMNS = {"images": ["status", "web_score", "caption_scores"],
                  "texts": ["status", "web_text", "web_score", "captions", "caption_scores"]}
+# The run's setting that records each column the ITC policies read.
+RECORDED_BY = {"web_itc": "filter.itc", "caption_itc": "filter.itc", IMAGE_EMBEDDING: "writer.embeddings"}
 
 Progress = Callable[[int, int], None]  # (samples done, samples to do)
 
@@ -94,6 +106,11 @@ class RunFolder:
 
     def parquet(self, shard: str) -> str:
         return posixpath.join(self.url, parquet_name(shard))
+
+    def recorded(self, column: str) -> bool:
+        """Whether the run's config says it recorded ``column`` (an older run's lacks the setting)."""
+        section, key = RECORDED_BY[column].split(".")
+        return bool((self.config.get(section) or {}).get(key))
 
     def reader_options(self) -> ReaderConfig:
         """The run's reader section: the input tars are read into the samples the run read."""
@@ -125,9 +142,23 @@ class Policy:
     max_captions: int | None
     synthetic_share: float | None
     seed: int
+    itc_threshold: float | None = None
+    dedup: bool = False
+    dedup_threshold: float = 0.95
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def needs(self) -> dict[str, str]:
+        """The run's columns this policy reads beyond the ITM scores, each with the setting that needs it."""
+        needs = {}
+        if self.itc_threshold is not None:
+            needs.update(dict.fromkeys(ITC_COLUMNS, "select.itc_threshold"))
+        if self.top_score == "itc" and (self.top_fraction or self.dedup):  # what both rank by
+            needs.update(dict.fromkeys(ITC_COLUMNS, "select.top_score: itc"))
+        if self.dedup:
+            needs[IMAGE_EMBEDDING] = "select.dedup"
+        return needs
 
 
 def resolve_policy(section: SelectConfig, run_config: dict[str, Any]) -> Policy:
@@ -145,6 +176,19 @@ def resolve_policy(section: SelectConfig, run_config: dict[str, Any]) -> Policy:
     return policy
 
 
+def check_recorded(run: RunFolder, policy: Policy, shard: str) -> None:
+    """Refuse a policy that reads a column the run did not record: off in its config, or missing
+    from its parquet (``shard``'s: a run older than the column)."""
+    if not policy.needs():
+        return
+    columns = read_parquet_schema(run.parquet(shard)).names
+    for column, setting in policy.needs().items():
+        if not run.recorded(column) or column not in columns:
+            raise SelectError(f"{redact_text(run.url)}: {setting} needs the run's {column} column, which the run "
+                              f"did not record ({RECORDED_BY[column]} off, or a capfilt older than it): "
+                              f"run again with {RECORDED_BY[column]}: true")
+
+
 # --- the texts of an image, ranked over the run ------------------------------------------------
 
 def candidates(sample: Sample) -> list[tuple[str, str, float]]:
@@ -155,29 +199,60 @@ def candidates(sample: Sample) -> list[tuple[str, str, float]]:
     return decide(probe, -math.inf, "best_score").kept_texts
 
 
-def ranked(sample: Sample, top_of: str) -> list[tuple[int, str | None, float]]:
+def itc_of(sample: Sample, text: tuple[str, str, float]) -> float:
+    """The ITC similarity of one of ``decide``'s kept texts: the web text's, or that of the first
+    caption of that text and ITM score (the one ``decide`` kept)."""
+    words, origin, score = text
+    if origin == WEB:
+        itc = sample.web_itc
+    else:
+        itc = next((itc for caption, itm, itc in zip(sample.captions, sample.caption_scores, sample.caption_itc)
+                    if caption == words and itm == score), None)
+    if itc is None:
+        raise SelectError(f"key {sample.key!r}: its {origin} text {words[:60]!r} has no ITC similarity in the "
+                          "run's parquet")
+    return itc
+
+
+def ranked(sample: Sample, top_of: str, top_score: str = "itm") -> list[tuple[int, str | None, float]]:
     """(position, text, score) of what ``top_fraction`` ranks in an image: the image itself,
     scored by its best text (position 0, no text: its scores are enough), or each of its
-    candidate texts."""
+    candidate texts; by ITM score, or by ITC similarity (``top_score: itc``)."""
     if top_of == "images":
-        scores = [score for score in (sample.web_score, *sample.caption_scores) if score is not None]
+        scores = [sample.web_itc, *sample.caption_itc] if top_score == "itc" else \
+            [sample.web_score, *sample.caption_scores]
+        scores = [score for score in scores if score is not None]
         return [(0, None, max(scores))] if scores else []
-    return [(position, text, score) for position, (text, _, score) in enumerate(candidates(sample))]
+    return [(position, text[0], itc_of(sample, text) if top_score == "itc" else text[2])
+            for position, text in enumerate(candidates(sample))]
+
+
+def score_columns(top_of: str, top_score: str) -> list[str]:
+    """The run's columns ``ranked`` reads."""
+    return SCORE_COLUMNS[top_of] + (ITC_COLUMNS if top_score == "itc" else [])
+
+
+class Place(NamedTuple):
+    """Where a sample is: its shard, and its row in the shard's parquet (keys may repeat)."""
+
+    shard: str
+    row: int
 
 
 def _probe(row: dict[str, Any]) -> Sample:
     """A sample made of a run's parquet row: its texts and scores, no image."""
     return Sample(key=row.get("key") or "", web_text=row.get("web_text"), web_score=row["web_score"],
                   captions=list(row.get("captions") or []), caption_scores=list(row["caption_scores"] or []),
+                  web_itc=row.get("web_itc"), caption_itc=list(row.get("caption_itc") or []),
                   status=row["status"])
 
 
-def _scored_rows(run: RunFolder, names: list[str], columns: list[str]) -> Iterator[tuple[str, Sample]]:
-    """(shard, sample) of every row the run judged, one shard's columns in memory at a time."""
+def _scored_rows(run: RunFolder, names: list[str], columns: list[str]) -> Iterator[tuple[Place, Sample]]:
+    """(place, sample) of every row the run judged, one shard's columns in memory at a time."""
     for name in names:
-        for row in read_parquet(run.parquet(name), columns=columns).to_pylist():
+        for index, row in enumerate(read_parquet(run.parquet(name), columns=list(dict.fromkeys(columns))).to_pylist()):
             if row["status"] != ERROR:
-                yield name, _probe(row)
+                yield Place(name, index), _probe(row)
 
 
 @dataclass(frozen=True)
@@ -201,7 +276,7 @@ class Cutoff:
                 "last": list(self.last) if self.last is not None else None}
 
 
-def top_cutoff(run: RunFolder, names: list[str], fraction: float, top_of: str) -> Cutoff:
+def top_cutoff(run: RunFolder, names: list[str], fraction: float, top_of: str, top_score: str = "itm") -> Cutoff:
     """The cut that keeps exactly ``floor(fraction * items)`` of the run's images or texts.
 
     Two passes over the parquet: the first holds one float per item (the score column), the
@@ -209,9 +284,9 @@ def top_cutoff(run: RunFolder, names: list[str], fraction: float, top_of: str) -
     """
     import numpy as np
 
-    columns = SCORE_COLUMNS[top_of]
+    columns = score_columns(top_of, top_score)
     scores = np.fromiter((score for _, sample in _scored_rows(run, names, columns)
-                          for _, _, score in ranked(sample, top_of)), dtype=np.float64)
+                          for _, _, score in ranked(sample, top_of, top_score)), dtype=np.float64)
     of = len(scores)
     keep = math.floor(Fraction(repr(fraction)) * of)  # exact: 0.3 of 10 is 3, not 3.0000000000000004
     if keep == 0:
@@ -222,9 +297,9 @@ def top_cutoff(run: RunFolder, names: list[str], fraction: float, top_of: str) -
     del scores
     if tied == need:
         return Cutoff(keep, of, score)
-    ranks = ((sample.key, shard, position)
-             for shard, sample in _scored_rows(run, names, ["key", *columns])
-             for position, _, item_score in ranked(sample, top_of) if item_score == score)
+    ranks = ((sample.key, place.shard, position)
+             for place, sample in _scored_rows(run, names, ["key", *columns])
+             for position, _, item_score in ranked(sample, top_of, top_score) if item_score == score)
     return Cutoff(keep, of, score, heapq.nsmallest(need, ranks)[-1])
 
 
@@ -264,8 +339,8 @@ class Mix:
     def count(cls, run: RunFolder, names: list[str], policy: "Redecision") -> "Mix":
         """The mix of ``policy.policy``, counted over the run with ``policy`` (without a mix)."""
         web = synthetic = 0
-        for shard, sample in _scored_rows(run, names, ["key", *SCORE_COLUMNS["texts"]]):
-            policy(sample, shard, {})
+        for place, sample in _scored_rows(run, names, policy.columns()):
+            policy(sample, place, {})
             origins = [origin for _, origin, _ in sample.kept_texts]
             web, synthetic = web + origins.count(WEB), synthetic + origins.count(SYNTHETIC)
         return cls(policy.policy.synthetic_share, policy.policy.seed, web, synthetic)
@@ -284,20 +359,33 @@ Texts = list[tuple[str, str, float]]
 
 class Redecision:
     """The policy applied to one sample the run judged: ``decide`` at the threshold, then each
-    policy narrows the kept texts. Returns why the sample left (None: kept); counts the texts
-    each policy took in ``removed``."""
+    policy narrows the kept texts, in this order: the ITC threshold, the top fraction, the k
+    best captions, the near-duplicates (found among the images the policies before keep), the
+    mix. Returns why the sample left (None: kept); counts the texts each policy took in
+    ``removed``. Built without the later policies, it is what those are found over."""
 
-    def __init__(self, policy: Policy, cutoff: Cutoff | None = None, mix: Mix | None = None):
-        self.policy, self.cutoff, self.mix = policy, cutoff, mix
-        self.stages: list[tuple[str, Callable[[Texts, Sample, str], Texts]]] = []
+    def __init__(self, policy: Policy, cutoff: Cutoff | None = None, duplicates: "Duplicates | None" = None,
+                 mix: Mix | None = None):
+        self.policy, self.cutoff, self.duplicates, self.mix = policy, cutoff, duplicates, mix
+        self.stages: list[tuple[str, Callable[[Texts, Sample, Place], Texts]]] = []
+        if policy.itc_threshold is not None:
+            self.stages.append((BELOW_ITC_THRESHOLD, self._itc))
         if cutoff is not None:
             self.stages.append((NOT_TOP_FRACTION, self._top))
         if policy.max_captions is not None:
             self.stages.append((MAX_CAPTIONS, self._max_captions))
+        if duplicates is not None:
+            self.stages.append((DUPLICATE, self._duplicate))
         if mix is not None:
             self.stages.append((MIX, self._mix))
 
-    def __call__(self, sample: Sample, shard: str, removed: dict[str, int]) -> str | None:
+    def columns(self) -> list[str]:
+        """The run's columns it reads: the texts and their scores."""
+        policy = self.policy
+        itc = policy.itc_threshold is not None or (self.cutoff is not None and policy.top_score == "itc")
+        return ["key", *SCORE_COLUMNS["texts"], *(ITC_COLUMNS if itc else [])]
+
+    def __call__(self, sample: Sample, place: Place, removed: dict[str, int]) -> str | None:
         if sample.status == ERROR:
             return ERROR_REASON
         decide(sample, self.policy.threshold, self.policy.selection)
@@ -306,7 +394,7 @@ class Redecision:
             return BELOW_THRESHOLD
         reason = None
         for reason, narrow in self.stages:
-            narrowed = narrow(kept, sample, shard)
+            narrowed = narrow(kept, sample, place)
             if len(narrowed) < len(kept):
                 removed[reason] = removed.get(reason, 0) + len(kept) - len(narrowed)
             kept = narrowed
@@ -314,7 +402,9 @@ class Redecision:
                 break
         if kept != sample.kept_texts:
             self._decide_among(sample, kept)
-        return None if kept else reason
+        if kept:
+            return None
+        return f"{DUPLICATE} {self.duplicates.dropped[place]}" if reason == DUPLICATE else reason
 
     def _decide_among(self, sample: Sample, kept: Texts) -> None:
         """The decision over the texts the policies left: ``decide`` itself, on those alone."""
@@ -325,21 +415,94 @@ class Redecision:
         decide(probe, self.policy.threshold, self.policy.selection)
         sample.kept_texts, sample.status, sample.text = probe.kept_texts, probe.status, probe.text
 
-    def _top(self, kept: Texts, sample: Sample, shard: str) -> Texts:
-        items = ranked(sample, self.policy.top_of)
+    def _itc(self, kept: Texts, sample: Sample, place: Place) -> Texts:
+        return [text for text in kept if itc_of(sample, text) >= self.policy.itc_threshold]
+
+    def _top(self, kept: Texts, sample: Sample, place: Place) -> Texts:
+        items = ranked(sample, self.policy.top_of, self.policy.top_score)
         if self.policy.top_of == "images":
             position, _, score = items[0]
-            return kept if self.cutoff.admits(score, (sample.key, shard, position)) else []
-        rank = {text: (score, (sample.key, shard, position)) for position, text, score in items}
+            return kept if self.cutoff.admits(score, (sample.key, place.shard, position)) else []
+        rank = {text: (score, (sample.key, place.shard, position)) for position, text, score in items}
         return [text for text in kept if self.cutoff.admits(*rank[text[0]])]
 
-    def _max_captions(self, kept: Texts, sample: Sample, shard: str) -> Texts:
+    def _max_captions(self, kept: Texts, sample: Sample, place: Place) -> Texts:
         synthetic = [text for text in kept if text[1] == SYNTHETIC]
         best = sorted(synthetic, key=lambda text: -text[2])[:self.policy.max_captions]  # earlier first on ties
         return [text for text in kept if text[1] == WEB or text in best]
 
-    def _mix(self, kept: Texts, sample: Sample, shard: str) -> Texts:
-        return [text for text in kept if self.mix.keeps(shard, sample.key, text)]
+    def _duplicate(self, kept: Texts, sample: Sample, place: Place) -> Texts:
+        return [] if place in self.duplicates.dropped else kept
+
+    def _mix(self, kept: Texts, sample: Sample, place: Place) -> Texts:
+        return [text for text in kept if self.mix.keeps(place.shard, sample.key, text)]
+
+
+# --- the near-duplicates ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Duplicates:
+    """The near-duplicate images among those the policies before dedup keep, over the whole run,
+    by ``capfilt.dedup``'s rule: images ranked by their best text's ``top_score``, then (key,
+    shard, row); each dropped image's place, with the key of the kept image it duplicates."""
+
+    threshold: float
+    images: int
+    plan: IndexPlan
+    dropped: dict[Place, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        listed = json.dumps(sorted([*place, key] for place, key in self.dropped.items())).encode()
+        return {"threshold": self.threshold, "images": self.images, "duplicates": len(self.dropped),
+                "index": self.plan.to_dict(), "digest": hashlib.sha256(listed).hexdigest()}
+
+    @classmethod
+    def find(cls, run: RunFolder, names: list[str], policy: Redecision) -> "Duplicates":
+        """Those of ``policy.policy``, among the images ``policy`` (without dedup) keeps."""
+        places, scores, keys = [], [], []
+        top_score = policy.policy.top_score
+        columns = [*policy.columns(), *(ITC_COLUMNS if top_score == "itc" else [])]
+        for place, sample in _scored_rows(run, names, columns):
+            if policy(sample, place, {}) is None:
+                score = ranked(sample, "images", top_score)
+                if not score:
+                    raise SelectError(f"{redact_text(run.parquet(place.shard))}: key {sample.key!r} has no "
+                                      f"{top_score} score to rank it among its near-duplicates")
+                places.append(place)
+                scores.append(score[0][2])
+                keys.append((sample.key, *place))
+        plan = IndexPlan.for_size(len(places))
+        duplicate_of = near_duplicates(embeddings(run, places, keys), scores, keys, policy.policy.dedup_threshold,
+                                       plan)
+        dropped = {places[i]: keys[of][0] for i, of in enumerate(duplicate_of.tolist()) if of >= 0}
+        return cls(policy.policy.dedup_threshold, len(places), plan, dropped)
+
+
+def embeddings(run: RunFolder, places: list[Place], keys: list[tuple[str, str, int]]):
+    """The image embeddings of ``places`` (in shard order), as one float32 matrix of unit rows:
+    the ``image_embedding`` column read one shard at a time, only the rows asked for kept."""
+    import numpy as np
+
+    matrix, start = None, 0
+    for shard, group in itertools.groupby(places, key=lambda place: place.shard):
+        rows = [place.row for place in group]
+        stop = start + len(rows)
+        column = read_parquet(run.parquet(shard), columns=[IMAGE_EMBEDDING]).column(0).combine_chunks()
+        vectors = column.take(rows)
+        lengths = vectors.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+        if matrix is None:
+            matrix = np.empty((len(places), int(lengths.max())), dtype=np.float32)
+        wrong = np.flatnonzero(lengths != matrix.shape[1])
+        if len(wrong):
+            raise SelectError(f"{redact_text(run.parquet(shard))}: key {keys[start + wrong[0]][0]!r} has "
+                              f"{lengths[wrong[0]]} image embedding values where the run's others have "
+                              f"{matrix.shape[1]}")
+        block = matrix[start:stop]
+        block[:] = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), -1)
+        norms = np.linalg.norm(block, axis=1, keepdims=True)  # unit again after float16 rounding
+        np.divide(block, norms, out=block, where=norms > 0)
+        start = stop
+    return matrix if matrix is not None else np.empty((0, 0), dtype=np.float32)
 
 
 # --- one shard --------------------------------------------------------------------------------------
@@ -361,8 +524,8 @@ class SelectWriter(ShardWriter):
         super().write(sample)
         reason = ERROR_REASON if sample.status == ERROR else reason  # the writer may fail it too
         self.rows[-1][REASON] = reason
-        reasons = self.stats.reasons
-        reasons[reason or KEPT_REASON] = reasons.get(reason or KEPT_REASON, 0) + 1
+        counted = DUPLICATE if reason and reason.startswith(DUPLICATE + " ") else reason or KEPT_REASON
+        self.stats.reasons[counted] = self.stats.reasons.get(counted, 0) + 1
 
     def _write_parquet(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=SELECT_SCHEMA)
@@ -371,15 +534,35 @@ class SelectWriter(ShardWriter):
 
 
 def restore(sample: Sample, row: dict[str, Any]) -> Sample:
-    """``sample`` as read from the input tar, as the run judged it: its image size, captions and
-    scores, and its error, from the run's row."""
+    """``sample`` as read from the input tar, as the run judged it: its image size, captions,
+    scores, ITC similarities and embedding (when the run has them), and its error, from the
+    run's row."""
     sample.width, sample.height = row["width"], row["height"]
     sample.web_score = row["web_score"]
     sample.captions = list(row["captions"] or [])
     sample.caption_scores = list(row["caption_scores"] or [])
+    sample.web_itc = row.get("web_itc")
+    sample.caption_itc = list(row.get("caption_itc") or [])
+    sample.embedding = row.get(IMAGE_EMBEDDING)
     if row["status"] == ERROR:
         sample.fail(row["error"])
     return sample
+
+
+def run_rows(url: str) -> list[dict[str, Any]]:
+    """The rows of a run's parquet that select reads, the columns the run lacks left out; each
+    image embedding a float16 numpy vector (a view of the column), or None."""
+    present = read_parquet_schema(url).names
+    table = read_parquet(url, columns=ROW_COLUMNS + [name for name in CARRIED_COLUMNS if name in present])
+    if IMAGE_EMBEDDING not in table.column_names:
+        return table.to_pylist()
+    column = table.column(IMAGE_EMBEDDING).combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+    rows = table.drop_columns([IMAGE_EMBEDDING]).to_pylist()
+    for index, (row, valid) in enumerate(zip(rows, column.is_valid().to_pylist())):
+        row[IMAGE_EMBEDDING] = values[offsets[index]:offsets[index + 1]] if valid else None
+    return rows
 
 
 def _paired(rows: list[dict[str, Any]], samples: Iterable[Sample], url: str) -> Iterator[tuple[dict, Sample]]:
@@ -403,14 +586,14 @@ def _paired(rows: list[dict[str, Any]], samples: Iterable[Sample], url: str) -> 
 def select_shard(task: ShardTask, run: RunFolder, redecide: Redecision, reader: ReaderConfig,
                  out: OutputDir, fp: str, on_sample: Callable[[], None] = lambda: None) -> SelectStats:
     """One output shard: the run's rows and the input tar's samples, decided again, written."""
-    rows = read_parquet(run.parquet(task.name), columns=ROW_COLUMNS).to_pylist()
+    rows = run_rows(run.parquet(task.name))
     stats = SelectStats(shard=task.name, input=redact_text(task.url), fingerprint=fp)
     stats.start({"worker_pid": os.getpid()})
     policy = redecide.policy
     with contextlib.closing(read_shard(task.url, reader)) as samples, \
             SelectWriter(out, task.name, policy.threshold, policy.layout, stats) as writer:
-        for row, sample in _paired(rows, samples, task.url):
-            reason = redecide(restore(sample, row), task.name, stats.texts_removed)
+        for index, (row, sample) in enumerate(_paired(rows, samples, task.url)):
+            reason = redecide(restore(sample, row), Place(task.name, index), stats.texts_removed)
             writer.write(sample, reason)
             on_sample()
     return stats
@@ -443,6 +626,7 @@ def select(run_url: str, config: Config, mode: str = "incremental",
     check_outside_input([*urls, posixpath.join(run.url, RUN_FILE)], config.output)
     tasks = plan_shards(urls, config.output)
     run_done = _finished(run, tasks)
+    check_recorded(run, policy, tasks[0].name)
     # The writer's output revision too: a selection is written by this capfilt's ShardWriter.
     identity = {"run_fingerprint": run.fingerprint, "select": policy.to_dict(),
                 "select_revision": SELECT_REVISION, "output_revision": OUTPUT_REVISION}
@@ -470,20 +654,23 @@ def _select_held(run: RunFolder, policy: Policy, tasks: list[ShardTask], run_don
     if out.exists(RUN_FILE):
         raise SelectError(f"{out.url} holds a capfilt run's output ({RUN_FILE}); select writes a folder "
                           "of its own: give another NEW")
+    previous = None
     if mode != "overwrite" and out.exists(SELECT_FILE):
-        refuse_if_changed(out.url, json.loads(out.read_text(SELECT_FILE)), identity, fp, "a selection")
-    names = [t.name for t in tasks]
-    cutoff = top_cutoff(run, names, policy.top_fraction, policy.top_of) if policy.top_fraction else None
-    mix = Mix.count(run, names, Redecision(policy, cutoff)) if policy.synthetic_share is not None else None
+        previous = json.loads(out.read_text(SELECT_FILE))
+        refuse_if_changed(out.url, previous, identity, fp, "a selection")
+    pending = split_done(tasks, out, fp)[0] if mode == "incremental" else tasks
+    redecide = _over_the_run(run, policy, [t.name for t in tasks])
+    if redecide.duplicates and previous and len(pending) < len(tasks):
+        _refuse_other_duplicates(out.url, previous.get("dedup"), redecide.duplicates.to_dict())
     record = {"run": redact_text(run.url), "run_fingerprint": run.fingerprint, "identity": identity,
               "fingerprint": fp, "policy": policy.to_dict(), "shards": len(tasks),
-              "top_fraction": cutoff.to_dict() if cutoff else None, "mix": mix.to_dict() if mix else None}
+              **{name: found.to_dict() if found else None for name, found in (
+                  ("top_fraction", redecide.cutoff), ("dedup", redecide.duplicates), ("mix", redecide.mix))}}
     out.write_bytes(SELECT_FILE, _json(record))  # before any shard: what a rerun is checked against
 
     start = time.time()
-    pending = split_done(tasks, out, fp)[0] if mode == "incremental" else tasks
     try:
-        _write_shards(pending, run, Redecision(policy, cutoff, mix), out, fp, run_done, progress)
+        _write_shards(pending, run, redecide, out, fp, run_done, progress)
     except KeyboardInterrupt:
         out.remove_temporaries()
         done = done_markers(out, tasks, fp)
@@ -496,6 +683,27 @@ def _select_held(run: RunFolder, policy: Policy, tasks: list[ShardTask], run_don
     out.write_bytes(STATS_FILE, _json(stats))
     out.write_bytes(SIZES_FILE, _json({tar_name(n): s.tar_samples for n, s in done.items()}))
     return SelectOutcome(stats, record)
+
+
+def _over_the_run(run: RunFolder, policy: Policy, names: list[str]) -> Redecision:
+    """The policy with what it needs of the whole run, found before any shard, each over the
+    images (or pairs) the policies before it keep: the top fraction's cut, the near-duplicates,
+    the mix's counts."""
+    cutoff = top_cutoff(run, names, policy.top_fraction, policy.top_of, policy.top_score) \
+        if policy.top_fraction else None
+    duplicates = Duplicates.find(run, names, Redecision(policy, cutoff)) if policy.dedup else None
+    mix = Mix.count(run, names, Redecision(policy, cutoff, duplicates)) if policy.synthetic_share is not None else None
+    return Redecision(policy, cutoff, duplicates, mix)
+
+
+def _refuse_other_duplicates(url: str, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resumed selection whose dedup finds other near-duplicates than its done shards were
+    written with (the same policy: float rounding of another machine's BLAS at the threshold)
+    would mix two answers: refused."""
+    if before is not None and before.get("digest") != now["digest"]:
+        raise SelectError(f"{url}: the dedup found {now['duplicates']} near-duplicates now, {before.get('duplicates')} "
+                          "when the done shards were written (float rounding on another machine?): "
+                          "rerun with --mode overwrite")
 
 
 def _write_shards(pending: list[ShardTask], run: RunFolder, redecide: Redecision, out: OutputDir, fp: str,
