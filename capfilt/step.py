@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from capfilt.config import Config
@@ -96,9 +97,14 @@ class CapFiltStep:
         model_seconds = 0.0  # in the models, to tell compute from I/O, decoding and Ray
         with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout,
                          stats, embeddings=self.config.writer.embeddings) as writer:
-            for index, batch in enumerate(batches):
+            staged = None
+            for index, (batch, upcoming) in enumerate(_with_next(batches)):
                 begin = time.perf_counter()
-                self.process_batch(batch, batch_seed(rt.seed, task.name, index))
+                finish = self.launch_batch(batch, batch_seed(rt.seed, task.name, index), staged)
+                # The next batch's copy to the device and vision passes are queued before this
+                # batch's post-processing (its scores' copy to the host, decisions, writing).
+                staged = self.stage(upcoming) if upcoming is not None else None
+                finish()
                 model_seconds += time.perf_counter() - begin
                 stats.timing["model_seconds"] = round(model_seconds, 3)
                 for sample in batch:
@@ -108,16 +114,53 @@ class CapFiltStep:
         return stats
 
     def process_batch(self, batch: list[Sample], seed: int) -> None:
+        """Judge one batch, each sample's decision made (its pixels dropped)."""
+        self.launch_batch(batch, seed)()
+
+    def stage(self, batch: list[Sample]) -> "Staged | None":
+        """A batch's pixels on the device and both vision passes, queued. None when that fails:
+        the batch is then judged from its pixels (and, failing again, one sample at a time)."""
         good = [s for s in batch if s.error is None]
-        if good:
+        if not good:
+            return None
+        try:
+            pixels = self._pixels(good)
+            filter_pixels = pixels.get("filter", pixels["captioner"])
+            return Staged(good, pixels, self.captioner.encode(pixels["captioner"]),
+                          self.filter.image_states(filter_pixels))
+        except Exception as exc:
+            if poisons_device(exc):
+                raise
+            return None
+
+    def launch_batch(self, batch: list[Sample], seed: int, staged: "Staged | None" = None) -> Callable[[], None]:
+        """Caption the batch and queue its scores; returns what completes its decisions."""
+        good = [s for s in batch if s.error is None]
+
+        def done() -> None:
+            for sample in batch:
+                sample.pixels = None  # free the tensors before the sample is written
+
+        if not good:
+            return done
+        try:
+            finish = self._launch(good, seed, staged if staged is not None and staged.holds(good) else None)
+        except Exception as exc:
+            if poisons_device(exc):  # no sample of it would be judged: the worker must go
+                raise
+            self._judge_one_by_one(good, seed)
+            return done
+
+        def complete() -> None:
             try:
-                self._judge(good, seed)
+                finish()
             except Exception as exc:
-                if poisons_device(exc):  # no sample of it would be judged: the worker must go
+                if poisons_device(exc):
                     raise
                 self._judge_one_by_one(good, seed)
-        for sample in batch:
-            sample.pixels = None  # free the tensors before the sample is written
+            done()
+
+        return complete
 
     def _judge_one_by_one(self, samples: list[Sample], seed: int) -> None:
         """After a batch failed: each sample alone, so that one that fails costs only itself.
@@ -133,19 +176,31 @@ class CapFiltStep:
             raise failures[0]
 
     def _judge(self, samples: list[Sample], seed: int) -> None:
+        self._launch(samples, seed)()
+
+    def _pixels(self, samples: list[Sample]) -> dict[str, Any]:
         pixels = {}
         for name, proc in self.processors.items():
             batch = pixel_batch([s.pixels[name] for s in samples])  # uint8, pinned when prefetched for cuda
             if self.device == "cuda":
                 batch = batch.to("cuda", non_blocking=True)
             pixels[name] = model_input(proc).normalise(batch, self.dtype)  # on the device
-        captions = self.captioner(pixels["captioner"], seed)
+        return pixels
+
+    def _launch(self, samples: list[Sample], seed: int, staged: "Staged | None" = None) -> Callable[[], None]:
+        """Caption ``samples`` and queue their scores; returns what assigns the scores and decides."""
+        pixels = staged.pixels if staged is not None else self._pixels(samples)
+        captions = self.captioner(pixels["captioner"], seed, staged.caption_states if staged is not None else None)
         texts = []
         for sample, caps in zip(samples, captions):
             sample.captions = caps
             texts.append(_unique(([sample.web_text] if _scorable(sample.web_text) else []) + caps))
-        scores = self.filter(pixels.get("filter", pixels["captioner"]), texts,
-                             embeddings=self.config.writer.embeddings)
+        pending = self.filter.launch(pixels.get("filter", pixels["captioner"]), texts,
+                                     embeddings=self.config.writer.embeddings,
+                                     states=staged.filter_states if staged is not None else None)
+        return lambda: self._decide(samples, texts, pending.result())
+
+    def _decide(self, samples: list[Sample], texts: list[list[str]], scores) -> None:
         cfg = self.config.filter
         for i, (sample, image_texts) in enumerate(zip(samples, texts)):
             by_text = dict(zip(image_texts, scores.itm[i]))
@@ -158,6 +213,28 @@ class CapFiltStep:
             if scores.embeddings is not None:
                 sample.embedding = scores.embeddings[i].astype("float16")
             decide(sample, cfg.threshold, cfg.selection)
+
+
+@dataclass
+class Staged:
+    """A batch's judged samples with their pixels on the device and both vision passes queued."""
+
+    samples: list[Sample]
+    pixels: dict[str, Any]
+    caption_states: Any
+    filter_states: Any
+
+    def holds(self, samples: list[Sample]) -> bool:
+        return len(samples) == len(self.samples) and all(a is b for a, b in zip(samples, self.samples))
+
+
+def _with_next(batches: Iterator[list[Sample]]) -> Iterator[tuple[list[Sample], list[Sample] | None]]:
+    """Each batch with the one after it (None for the last): the next is prepared by then."""
+    current = next(batches, None)
+    while current is not None:
+        upcoming = next(batches, None)
+        yield current, upcoming
+        current = upcoming
 
 
 def _scorable(text: str | None) -> bool:

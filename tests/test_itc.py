@@ -102,9 +102,12 @@ class Recorder:
     def __init__(self, real):
         self.real, self.calls = real, []
 
-    def __call__(self, pixel_values, texts, **options):
+    def launch(self, pixel_values, texts, **options):
         self.calls.append((pixel_values.clone(), texts))
-        return self.real(pixel_values, texts, **options)
+        return self.real.launch(pixel_values, texts, **options)
+
+    def __getattr__(self, name):  # the rest (its vision pass) is the real filter's
+        return getattr(self.real, name)
 
 
 class Run(NamedTuple):

@@ -42,10 +42,13 @@ class PoisonedFilter:
     def __init__(self, real, always=False):
         self.real, self.always = real, always
 
-    def __call__(self, pixels, texts, **options):
+    def launch(self, pixels, texts, **options):
         if self.always or any("POISON" in t for image_texts in texts for t in image_texts):
             raise RuntimeError("index out of range in self")
-        return self.real(pixels, texts, **options)
+        return self.real.launch(pixels, texts, **options)
+
+    def __getattr__(self, name):  # the rest (its vision pass) is the real filter's
+        return getattr(self.real, name)
 
 
 def test_a_sample_the_models_fail_on_is_its_own_error_row(step, tmp_path, monkeypatch):

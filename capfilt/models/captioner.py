@@ -33,8 +33,19 @@ class Captioner:
         self.shared_layers = shared_kv.install(self.model.text_decoder.bert)
         shared_kv.install_vision(self.model.vision_model)
 
-    def __call__(self, pixel_values, seed: int) -> list[list[str]]:
-        """``num_captions`` captions for each image of the batch, prompt stripped."""
+    def encode(self, pixel_values):
+        """The vision encoder's states of a batch, which ``__call__`` decodes from; a step may
+        start it before the previous batch's post-processing (``CapFiltStep``)."""
+        import torch
+
+        if self.cfg.num_captions == 0:
+            return None
+        with torch.inference_mode():
+            return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def __call__(self, pixel_values, seed: int, image_embeds=None) -> list[list[str]]:
+        """``num_captions`` captions for each image of the batch, prompt stripped; from
+        ``image_embeds`` (``encode``'s) when given."""
         import torch
 
         n = self.cfg.num_captions
@@ -48,8 +59,9 @@ class Captioner:
         input_ids = self.prompt_ids.repeat(batch * n, 1).to(self.device)
         input_ids[:, 0] = self.model.config.text_config.bos_token_id
         input_ids = input_ids[:, :-1]  # generate() drops the prompt's [SEP]
+        if image_embeds is None:
+            image_embeds = self.encode(pixel_values)
         with torch.inference_mode():
-            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
             index = torch.arange(batch, device=image_embeds.device).repeat_interleave(n)
             with shared_kv.repeated_states(self.shared_layers, image_embeds, index) as states:
                 # No decoding step waits on the device for the sampler's tie check. A batch

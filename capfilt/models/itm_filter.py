@@ -68,13 +68,20 @@ class ITMFilter:
     def __call__(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> FilterScores:
         """The scores of each text of each image; ``embeddings``: each image's ITC embedding too.
         One copy to the host for the whole batch."""
+        return self.launch(pixel_values, texts, embeddings).result()
+
+    def launch(self, pixel_values, texts: list[list[str]], embeddings: bool = False,
+               states=None) -> "PendingScores":
+        """``__call__``'s work, queued on the device with its one copy to the host; its
+        ``result()`` waits for that copy only, so a step can queue the next batch's vision
+        pass first. ``states``: ``image_states(pixel_values)``, when already computed."""
         import torch
 
         pairs = [(i, t) for i, image_texts in enumerate(texts) for t in image_texts]
         if not pairs and not embeddings:
-            return FilterScores([[] for _ in texts], [[] for _ in texts] if self.cfg.itc else None, None)
+            return PendingScores(texts, self.cfg.itc, None, None)
         with torch.inference_mode():
-            states = self.image_states(pixel_values)
+            states = self.image_states(pixel_values) if states is None else states
             image_feats = self.image_features(states) if self.cfg.itc or embeddings else None
             itm = itc = None
             if pairs:
@@ -85,15 +92,15 @@ class ITMFilter:
                 if self.cfg.itc:
                     text_feats = self.text_features(tokens.input_ids, tokens.attention_mask)
                     itc = (image_feats.index_select(0, index) * text_feats).sum(dim=-1)
-            # float32 all: one copy to the host
+            # float32 all: one copy to the host, queued now (into pinned memory on CUDA)
             parts = [t for t in (itm, itc, image_feats.flatten() if embeddings else None) if t is not None]
-            host = torch.cat(parts).cpu().numpy()
-        n = len(pairs)
-        return FilterScores(
-            _per_image(texts, host[:n].tolist()),
-            _per_image(texts, host[n:2 * n].tolist()) if self.cfg.itc else None,
-            host[len(host) - image_feats.numel():].reshape(image_feats.shape) if embeddings else None,
-        )
+            host = torch.cat(parts).to("cpu", non_blocking=True)
+        done = None
+        if host.device != states.device and states.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        shape = tuple(image_feats.shape) if embeddings else None
+        return PendingScores(texts, self.cfg.itc, (host, done), shape)
 
     # The parts, for callers that score other pairs than every text of its own image (evaluate).
 
@@ -140,6 +147,32 @@ class ITMFilter:
                 ),
             ).last_hidden_state
         return self.model.itm_head(hidden[:, 0, :]).float()
+
+
+@dataclass
+class PendingScores:
+    """A batch's scores on their way to the host (``ITMFilter.launch``)."""
+
+    texts: list[list[str]]
+    itc: bool
+    copy: Any  # (host tensor, CUDA event or None), or None: nothing to score
+    embedding_shape: tuple[int, int] | None
+
+    def result(self) -> FilterScores:
+        texts = self.texts
+        if self.copy is None:
+            return FilterScores([[] for _ in texts], [[] for _ in texts] if self.itc else None, None)
+        host, done = self.copy
+        if done is not None:
+            done.synchronize()  # this batch's copy, not the work queued after it
+        host = host.numpy()
+        n = sum(len(t) for t in texts)
+        shape = self.embedding_shape
+        return FilterScores(
+            _per_image(texts, host[:n].tolist()),
+            _per_image(texts, host[n:2 * n].tolist()) if self.itc else None,
+            host[len(host) - shape[0] * shape[1]:].reshape(shape) if shape is not None else None,
+        )
 
 
 def _per_image(texts: list[list[str]], values: list[float]) -> list[list[float]]:
