@@ -16,7 +16,8 @@ from typing import Any
 # not resumed into a folder of the older output. 2: captions drawn by NucleusSampler
 # (capfilt/models/sampling.py) instead of transformers' sampling. 3: the parquet's tar_bytes.
 # 4: the done marker records the fingerprint, which covers batch size and weights.
-OUTPUT_REVISION = 4
+# 5: the parquet's web_itc, caption_itc and image_embedding, and the kept json's itc scores.
+OUTPUT_REVISION = 5
 
 # runtime settings that change the output: the random stream is drawn per batch, and the
 # precision of the matmuls moves scores and draws.
