@@ -47,6 +47,31 @@ def tiny_models(tmp_path_factory):
     return build_tiny_models(str(tmp_path_factory.mktemp("models")))
 
 
+SHARP_INIT_STD = 0.1  # the tiny filter's is 0.02, and 1e-10 for the vision embeddings
+
+
+@pytest.fixture(scope="session")
+def sharp_filter(tiny_models, tmp_path_factory):
+    """The tiny filter's checkpoint with its weights drawn again, wider, so its scores depend
+    on the image. The tiny filter's move by ~3e-8 between images: a text scored against the
+    wrong image would pass any parity test on it. Tokenizer, preprocessor and shapes are the
+    tiny one's; ``tiny-models`` (the demo, the golden output) is untouched."""
+    import shutil
+
+    import torch
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    folder = tmp_path_factory.mktemp("sharp") / "filter"
+    shutil.copytree(tiny_models[1], folder)
+    config = BlipConfig.from_pretrained(folder)
+    for c in (config, config.text_config, config.vision_config):
+        c.initializer_range = SHARP_INIT_STD
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BlipForImageTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
 def image_bytes(colour: str, fmt: str = "JPEG", size=(48, 40), seed: int = 0) -> bytes:
     rng = random.Random(seed)
     img = Image.new("RGB", size, COLOURS[colour])

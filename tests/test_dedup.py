@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import image_bytes, write_shard
-from test_models import sharp_filter  # noqa: F401 (a fixture)
 from test_select import make_run, selecting, snapshot, tiny_config
 
 from capfilt import dedup
@@ -299,7 +298,7 @@ def best(row: dict, score: str) -> float:
     return max(v for v in [row["web_score"], *row["caption_scores"]] if v is not None)
 
 
-def test_select_drops_one_copy_of_an_image_over_a_real_run(tiny_models, sharp_filter, tmp_path):  # noqa: F811
+def test_select_drops_one_copy_of_an_image_over_a_real_run(tiny_models, sharp_filter, tmp_path):
     """The same image under two keys in two shards, through CapFiltStep with a filter whose
     embeddings depend on the image, recording ITC and embeddings by default."""
     (tmp_path / "in").mkdir()

@@ -229,25 +229,6 @@ def test_convert_keeps_raw_captions_and_finds_flickr_images_in_one_folder(tmp_pa
 # --- The models: held to transformers' BlipForImageTextRetrieval --------------------------------
 
 
-@pytest.fixture(scope="module")
-def sharp_filter(tiny_models, tmp_path_factory):
-    """The tiny filter with its weights drawn wider (as tests/test_models.py's), so that its
-    scores depend on the image: the tiny one's move by ~3e-8 between images."""
-    import shutil
-
-    from transformers import BlipConfig, BlipForImageTextRetrieval
-
-    folder = tmp_path_factory.mktemp("sharp") / "filter"
-    shutil.copytree(tiny_models[1], folder)
-    config = BlipConfig.from_pretrained(folder)
-    for c in (config, config.text_config, config.vision_config):
-        c.initializer_range = 0.1
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        BlipForImageTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
-    return str(folder)
-
-
 COLOURS = ["red", "green", "blue", "yellow"]
 TEXTS = [["a red square", "red"], ["a green square on the left", "green", "a big green shape"],
          ["a blue circle"], ["yellow", "a yellow square at the top", "a picture of the sky"]]

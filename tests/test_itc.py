@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import image_bytes, write_shard
-from test_models import pixels, sharp_filter  # noqa: F401 (a fixture)
+from test_models import pixels
 
 from capfilt.config import FilterConfig, load_config
 from capfilt.models.itm_filter import ITMFilter
@@ -31,14 +31,14 @@ TEXTS = [["a red square on a plain background", "red", "a very long text " * 20]
 
 
 @pytest.fixture(scope="module")
-def reference(sharp_filter):  # noqa: F811
+def reference(sharp_filter):
     from transformers import BlipForImageTextRetrieval
 
     return BlipForImageTextRetrieval.from_pretrained(sharp_filter).eval()
 
 
 @pytest.fixture(scope="module")
-def itc_filter(sharp_filter):  # noqa: F811
+def itc_filter(sharp_filter):
     return ITMFilter(FilterConfig(model=sharp_filter), "cpu", "float32")
 
 
@@ -84,7 +84,7 @@ def test_embedding_is_the_normalised_projected_image_state(itc_filter, reference
     assert min(np.abs(want[i] - want[j]).max() for i in range(3) for j in range(i)) > 100 * 1e-3
 
 
-def test_itm_scores_are_the_same_with_itc_on_or_off(sharp_filter, itc_filter):  # noqa: F811
+def test_itm_scores_are_the_same_with_itc_on_or_off(sharp_filter, itc_filter):
     without = ITMFilter(FilterConfig(model=sharp_filter, itc=False), "cpu", "float32")
     pv = pixels(itc_filter.image_processor)
     off = without(pv, TEXTS)
@@ -147,7 +147,7 @@ def run_shard(tiny_models, filter_path, folder, itc: bool, embeddings: bool):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_models, sharp_filter, tmp_path_factory):  # noqa: F811
+def runs(tiny_models, sharp_filter, tmp_path_factory):
     root = tmp_path_factory.mktemp("itc_runs")
     return {(itc, emb): run_shard(tiny_models, sharp_filter, root / f"{itc}_{emb}", itc, emb)
             for itc, emb in ((True, True), (True, False), (False, True))}

@@ -23,30 +23,6 @@ def itm(tiny_models):
     return ITMFilter(FilterConfig(model=tiny_models[1]), "cpu", "float32")
 
 
-SHARP_INIT_STD = 0.1  # the tiny filter's is 0.02, and 1e-10 for the vision embeddings
-
-
-@pytest.fixture(scope="module")
-def sharp_filter(tiny_models, tmp_path_factory):
-    """The tiny filter's checkpoint with its weights drawn again, wider, so its scores depend
-    on the image. The tiny filter's move by ~3e-8 between images: a text scored against the
-    wrong image would pass any parity test on it. Tokenizer, preprocessor and shapes are the
-    tiny one's; ``tiny-models`` (the demo, the golden output) is untouched."""
-    import shutil
-
-    from transformers import BlipConfig, BlipForImageTextRetrieval
-
-    folder = tmp_path_factory.mktemp("sharp") / "filter"
-    shutil.copytree(tiny_models[1], folder)
-    config = BlipConfig.from_pretrained(folder)
-    for c in (config, config.text_config, config.vision_config):
-        c.initializer_range = SHARP_INIT_STD
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        BlipForImageTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def sharp_itm(sharp_filter):
     return ITMFilter(FilterConfig(model=sharp_filter), "cpu", "float32")

@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import image_bytes, write_shard
-from test_models import sharp_filter  # noqa: F401 (a fixture)
 
 from capfilt.config import load_config
 from capfilt.io.writer import ShardWriter
@@ -18,7 +17,7 @@ COLOURS = ["red", "green", "blue", "yellow", "red", "green", "blue"]
 
 
 @pytest.fixture(scope="module")
-def step(tiny_models, sharp_filter):  # noqa: F811
+def step(tiny_models, sharp_filter):
     # The sharp filter scores each image apart: a vision pass of the wrong image shows.
     config = load_config("configs/tiny.yaml", [f"captioner.model={tiny_models[0]}", f"filter.model={sharp_filter}",
                                                "captioner.num_captions=2", "runtime.batch_size=2"])
