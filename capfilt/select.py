@@ -34,7 +34,6 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capfilt.config import Config, ReaderConfig, SelectConfig, build
 from capfilt.decision import SYNTHETIC, WEB, decide
@@ -520,17 +519,15 @@ class SelectWriter(ShardWriter):
     """``ShardWriter`` whose parquet rows carry the reason each sample left (``select_reason``,
     after the run's columns: a reader of the run's columns reads a selection's as they are)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, schema=SELECT_SCHEMA, **kwargs)
+
     def write(self, sample: Sample, reason: str | None = None) -> None:
         super().write(sample)
         reason = ERROR_REASON if sample.status == ERROR else reason  # the writer may fail it too
         self.rows[-1][REASON] = reason
         counted = DUPLICATE if reason and reason.startswith(DUPLICATE + " ") else reason or KEPT_REASON
         self.stats.reasons[counted] = self.stats.reasons.get(counted, 0) + 1
-
-    def _write_parquet(self) -> None:
-        table = pa.Table.from_pylist(self.rows, schema=SELECT_SCHEMA)
-        with self._staging.open(parquet_name(self.shard)) as f:
-            pq.write_table(table, f)
 
 
 def restore(sample: Sample, row: dict[str, Any]) -> Sample:

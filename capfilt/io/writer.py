@@ -193,8 +193,9 @@ class ShardWriter:
     """
 
     def __init__(self, out: OutputDir, shard: str, threshold: float, layout: str = "per_image",
-                 stats: ShardStats | None = None, embeddings: bool = True):
+                 stats: ShardStats | None = None, embeddings: bool = True, schema: pa.Schema = PARQUET_SCHEMA):
         self.out, self.shard, self.threshold, self.layout = out, shard, threshold, layout
+        self.schema = schema  # the parquet's: PARQUET_SCHEMA, or one with columns after it (select)
         self.embeddings = embeddings  # writer.embeddings: the image_embedding column, else null
         self.stats = stats if stats is not None else ShardStats(shard=shard)
         self.rows: list[dict[str, Any]] = []  # a parquet row per sample, each checked as written
@@ -273,6 +274,6 @@ class ShardWriter:
         self._stack.__exit__(None, None, None)
 
     def _write_parquet(self) -> None:
-        table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
         with self._staging.open(parquet_name(self.shard)) as f:
             pq.write_table(table, f)
