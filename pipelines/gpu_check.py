@@ -13,8 +13,11 @@ run cut short still leaves what it measured.
 
 Sections (keys of the JSON):
 - ``throughput``: model-only images/s, capfilt (``CapFiltStep.process_batch`` on pre-decoded
-  samples) against the naive loop (transformers' ``generate`` then ``BlipForImageTextRetrieval``
-  per pair, as ``pipelines/bench.py``'s naive baseline), per shape and batch size, in ``--dtype``;
+  samples; ``capfilt_staged`` with the next batch staged as ``CapFiltStep.run`` does) against the
+  naive loop (transformers' ``generate`` then ``BlipForImageTextRetrieval`` per pair, as
+  ``pipelines/bench.py``'s naive baseline), per shape and batch size, in ``--dtype``; ``auto``: the
+  batch size and dtype ``auto`` resolves to on this device (that batch is measured too), with the
+  per-image memory estimate to hold against the measured peak;
 - ``decode``: JPEG decode + preprocess images/s through ``CapFiltStep.prepare``: one thread,
   a thread pool over every core (as a worker's decode threads), a process pool over every core;
 - ``parity``: capfilt's ITM scores against ``BlipForImageTextRetrieval`` per pair ([CLS] and
@@ -273,15 +276,28 @@ def batch_of(pool: list[Any], size: int, offset: int) -> list[Any]:
 # -- throughput -----------------------------------------------------------------------------------
 
 
-def capfilt_rate(step, pool: list[Any], batch: int, images: int, device: str) -> dict[str, Any]:
-    """Images/s of ``CapFiltStep.process_batch`` (host arrays in, decisions out), after one warm-up batch."""
+def capfilt_rate(step, pool: list[Any], batch: int, images: int, device: str,
+                 staged: bool = False) -> dict[str, Any]:
+    """Images/s of ``CapFiltStep.process_batch`` (host arrays in, decisions out), after one warm-up
+    batch; ``staged``: batch after batch as ``CapFiltStep.run`` goes, each next batch's copy to the
+    device and vision passes queued before this one's scores come back (the overlap)."""
     from capfilt.models.captioner import batch_seed
     from pipelines.bench import timed
 
+    used = []  # the batches judged from a stage
+
     def run(first: int, batches: int) -> None:
+        ahead = None
         for index in range(first, first + batches):
-            samples = batch_of(pool, batch, index * batch)
-            step.process_batch(samples, batch_seed(0, "gpu_check", index))
+            samples = ahead[0] if ahead else batch_of(pool, batch, index * batch)
+            if ahead and ahead[1] is not None and ahead[1].holds([s for s in samples if s.error is None]):
+                used.append(index)
+            finish = step.launch_batch(samples, batch_seed(0, "gpu_check", index), ahead and ahead[1])
+            ahead = None
+            if staged and index + 1 < first + batches:
+                upcoming = batch_of(pool, batch, (index + 1) * batch)
+                ahead = (upcoming, step.stage(upcoming))
+            finish()
             failed = [s.error for s in samples if s.error]
             if failed:  # judged one by one after a failure: the timing would mean nothing
                 raise RuntimeError(f"{len(failed)} of {batch} samples failed: {failed[0]}")
@@ -289,7 +305,28 @@ def capfilt_rate(step, pool: list[Any], batch: int, images: int, device: str) ->
     reset_peak(device)
     run(0, 1)
     batches = max(1, -(-images // batch))
-    return {**timed(device, batches * batch, lambda: run(1, batches)), **peak(device)}
+    rate = {**timed(device, batches * batch, lambda: run(1, batches)), **peak(device)}
+    return {**rate, "staged_batches": len(used)} if staged else rate
+
+
+def auto_runtime(step, args) -> dict[str, Any]:
+    """``runtime.batch_size: auto`` and ``dtype: auto`` as a run on this device resolves them, with
+    the per-image memory estimate they come from: beside the measured peak at that batch, it
+    shows whether the estimate holds."""
+    import dataclasses
+
+    from capfilt.runtime.defaults import local_facts, per_image_bytes, resolve_runtime, weight_bytes
+
+    cap, itm = step.captioner.model.config.to_dict(), step.filter.model.config.to_dict()
+    facts = local_facts(args.device)
+    auto = dataclasses.replace(step.config.runtime, batch_size="auto", dtype="auto")
+    dtype = resolve_runtime(auto, facts).dtype
+    estimate = per_image_bytes(cap, itm, args.num_captions, step.config.captioner.max_length,
+                               step.config.filter.max_text_tokens, dtype)
+    rt = resolve_runtime(auto, facts, estimate, weight_bytes(cap, itm, dtype))
+    return {"batch_size": rt.batch_size, "dtype": rt.dtype, "tf32": rt.tf32,
+            "per_image_estimate_mb": round(estimate / MB, 1), "device_memory_mb": facts.memory_bytes and
+            round(facts.memory_bytes / MB)}
 
 
 def naive_batch(models, pixels, web_texts: list[str], n: int, device: str) -> None:
@@ -343,9 +380,13 @@ def throughput(shape: str, checkpoints: Checkpoints, args, budget: Budget) -> di
                                       f"captioner.num_captions={args.num_captions}"))
     jpegs = make_jpegs(min(32, max(args.batch_sizes)), (480, 360))
     pool = prepared_pool(step, jpegs)
+    auto = out["auto"] = guarded(auto_runtime, step, args)  # what runtime: auto gives this device
+    if args.device == "cuda" and isinstance(auto.get("batch_size"), int) and auto["batch_size"] not in rows:
+        rows[auto["batch_size"]] = out.setdefault(f"batch_{auto['batch_size']}", {})
     for batch, row in rows.items():
-        row["capfilt"] = (guarded(capfilt_rate, step, pool, batch, args.images, args.device)
-                          if budget.allows(f"throughput.{shape}.batch_{batch}.capfilt") else budget.skipped())
+        for name, staged in (("capfilt", False), ("capfilt_staged", True)):
+            row[name] = (guarded(capfilt_rate, step, pool, batch, args.images, args.device, staged)
+                         if budget.allows(f"throughput.{shape}.batch_{batch}.{name}") else budget.skipped())
     del step
     _free_device_memory()
     models = load_naive(cap, itm, args.device, args.dtype)
@@ -356,6 +397,9 @@ def throughput(shape: str, checkpoints: Checkpoints, args, budget: Budget) -> di
         rates = [row[k].get("images_per_s") for k in ("capfilt", "naive")]
         if all(rates):
             row["capfilt_vs_naive"] = round(rates[0] / rates[1], 2)
+        staged = [row[k].get("images_per_s") for k in ("capfilt_staged", "capfilt")]
+        if all(staged):
+            row["staged_vs_unstaged"] = round(staged[0] / staged[1], 2)
     del models
     _free_device_memory()
     return out

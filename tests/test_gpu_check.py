@@ -55,7 +55,14 @@ def test_every_section_measures_on_cpu_without_ray_or_webdataset(tmp_path):
     for batch in ("batch_1", "batch_2"):
         assert rate(rows[batch]["capfilt"]) > 0 and rate(rows[batch]["naive"]) > 0
         assert rows[batch]["capfilt_vs_naive"] > 0
+        assert rate(rows[batch]["capfilt_staged"]) > 0 and rows[batch]["staged_vs_unstaged"] > 0
+        # every batch but the first of the timed run's was judged from its stage
+        assert rows[batch]["capfilt_staged"]["staged_batches"] == rows[batch]["capfilt_staged"]["images"] // int(batch[6:]) - 1
     assert rows["batch_2"]["capfilt"]["images"] == 2 and rows["batch_2"]["naive"]["images"] == 2
+    # What auto gives this device: the CPU's defaults, with the estimate a GPU's batch comes from.
+    auto = rows["auto"]
+    assert (auto["batch_size"], auto["dtype"], auto["tf32"]) == (16, "float32", False), auto
+    assert auto["per_image_estimate_mb"] > 0
 
     decode = result["decode"]
     for size in ("1024x768", "384x384"):
