@@ -6,6 +6,13 @@ over the run, and thumbnails from at most ``image_shards`` tars, each streamed o
 its wanted keys are found. Everything is read through ``capfilt.io.fs``. The page embeds its images
 and plots as data URIs, loads nothing and runs no script; every text from the data is
 escaped (it is untrusted web text).
+
+A run's parquet may hold each text's ITC similarity (``web_itc``, ``caption_itc``: a run with
+``filter.itc``), shown as a second pair of histograms. A ``capfilt select`` output (a folder
+with ``select.json`` and no ``run.json``) is reported at its policy's thresholds, with why its
+samples left (``select.json``'s counts) and, from its sampled parquet, a few groups of
+near-duplicates: the image kept and those dropped as its duplicates (``select_reason``
+``duplicate_of KEY``), thumbnails from the run's input tars, which hold the dropped images.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import posixpath
 import random
 import re
@@ -23,15 +31,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capfilt.config import MAX_IMAGE_PIXELS
-from capfilt.io.fs import exists, isdir, read_json, read_matching, read_parquet, write_file
+from capfilt.io.fs import exists, isdir, read_json, read_matching, read_parquet, read_parquet_schema, write_file
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
-from capfilt.io.layout import RUN_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
+from capfilt.io.layout import RUN_FILE, SELECT_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
 from capfilt.stats import Counts, ShardStats
 
 BORDERLINE = 0.05
 COLUMNS = ["key", "status", "error", "web_text", "web_score", "web_kept", "captions", "caption_scores",
            "text", "text_origin"]
+ITC_COLUMNS = ["web_itc", "caption_itc"]  # a run with filter.itc; absent from an older run's parquet
+SELECT_REASON = "select_reason"  # a selection's (capfilt.select.REASON; not imported: it loads torch)
+DUPLICATE_GROUPS, DUPLICATES_SHOWN = 6, 5  # near-duplicate groups shown, dropped images shown per group
 SECTIONS = {  # id -> (title, what it shows)
     "web-kept": ("Web text kept", "the web text matched its image"),
     "rescued": ("Rescued by a synthetic caption", "the web text was dropped, a caption kept the image"),
@@ -54,6 +65,14 @@ class ReportData:
     web_scores: list[float]
     caption_scores: list[float]
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    web_itc: list[float] = field(default_factory=list)
+    caption_itc: list[float] = field(default_factory=list)
+    selection: dict[str, Any] | None = None  # select.json, for a capfilt select output
+    duplicate_groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def itc_threshold(self) -> float | None:
+        return ((self.selection or {}).get("policy") or {}).get("itc_threshold")
 
 
 def build_report(output: str, max_shards: int = 16, examples: int = 12, image_shards: int = 4,
@@ -62,9 +81,7 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
     if not isdir(output):
         raise FileNotFoundError(f"{output}: no such output folder")
     root = output.rstrip("/") or "/"
-    run = read_json(posixpath.join(root, RUN_FILE)) or {}
-    config = run.get("config", {})
-    threshold = float(config.get("filter", {}).get("threshold", 0.5))
+    config, threshold, selection = _header(root)
     stats_files = read_matching(posixpath.join(root, stats_name("*")))
     summary = read_json(posixpath.join(root, STATS_FILE)) or {}
     failed = summary.get("failed", [])
@@ -89,10 +106,31 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
 
     data = ReportData(output, threshold, config, totals, shards, failed,
                       [s.shard for s in picked], len(rows), errors, web_scores, caption_scores)
+    data.web_itc = [r["web_itc"] for r in rows if r.get("web_itc") is not None]
+    data.caption_itc = [s for r in rows for s in (r.get("caption_itc") or []) if s is not None]
+    data.selection = selection
     data.examples = _pick_examples(rows, threshold, examples, image_shards, seed)
+    data.duplicate_groups = duplicate_groups(rows)
+    shown = [r for g in data.duplicate_groups for r in ([g["kept"]] if g["kept"] else []) + g["removed"]]
     inputs = {s.shard: s.input or None for s in shards}
-    _attach_thumbnails(root, data.examples, inputs, max_pixels)
+    _attach_thumbnails(root, {**data.examples, "duplicates": shown}, inputs, max_pixels)
     return data
+
+
+def _header(root: str) -> tuple[dict[str, Any], float, dict[str, Any] | None]:
+    """(the run's config, the threshold, select.json or None) of an output folder. A selection
+    has no run.json: its threshold is its policy's, its config the run's it was selected from
+    (when that run is still readable)."""
+    run = read_json(posixpath.join(root, RUN_FILE))
+    selection = read_json(posixpath.join(root, SELECT_FILE)) if run is None else None
+    if selection is None:
+        config = (run or {}).get("config", {})
+        return config, float(config.get("filter", {}).get("threshold", 0.5)), None
+    try:
+        config = (read_json(posixpath.join(selection["run"], RUN_FILE)) or {}).get("config", {})
+    except (OSError, ValueError, KeyError):  # moved, or its URL recorded with credentials masked
+        config = {}
+    return config, float(selection["policy"]["threshold"]), selection
 
 
 def _shard_stats(path: str, data: bytes) -> ShardStats:
@@ -103,9 +141,32 @@ def _shard_stats(path: str, data: bytes) -> ShardStats:
 
 
 def _parquet_rows(path: str) -> list[dict[str, Any]]:
+    """The columns the report reads; the ITC similarities and select's reason where present."""
     if not exists(path):
         return []
-    return read_parquet(path, columns=COLUMNS).to_pylist()
+    present = read_parquet_schema(path).names
+    return read_parquet(path, columns=COLUMNS + [c for c in (*ITC_COLUMNS, SELECT_REASON) if c in present]).to_pylist()
+
+
+def duplicate_groups(rows: list[dict[str, Any]], groups: int = DUPLICATE_GROUPS,
+                     shown: int = DUPLICATES_SHOWN) -> list[dict[str, Any]]:
+    """Up to ``groups`` groups of near-duplicates among ``rows`` (a selection's: ``select_reason``
+    ``duplicate_of KEY``), the largest first, then by key: each the kept image's ``key``, its row
+    (``kept``; None when it lies in a shard not sampled), up to ``shown`` of the rows it removed
+    (``removed``) and how many it removed among ``rows`` (``count``)."""
+    prefix = "duplicate_of "
+    removed: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        reason = row.get(SELECT_REASON) or ""
+        if reason.startswith(prefix):
+            removed.setdefault(reason[len(prefix):], []).append(row)
+    kept: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["status"] == "kept" and row.get(SELECT_REASON) is None:
+            kept.setdefault(row["key"], row)
+    order = sorted(removed, key=lambda key: (-len(removed[key]), key))[:groups]
+    return [{"key": key, "kept": kept.get(key), "removed": removed[key][:shown], "count": len(removed[key])}
+            for key in order]
 
 
 def error_reason(error: str | None, key: str) -> str:
@@ -196,7 +257,25 @@ def thumbnail(data: bytes, max_pixels: int, size: int = 192) -> str:
 
 
 def histogram_png(web: list[float], captions: list[float], threshold: float) -> str | None:
-    """Score histograms with the threshold marked, as a PNG data URI (None without matplotlib)."""
+    """ITM score histograms with the threshold marked, as a PNG data URI (None without matplotlib)."""
+    return _histograms(web, captions, [i / 40 for i in range(41)], "ITM match score",
+                       {f"threshold {threshold:g}": threshold})
+
+
+def itc_histogram_png(web: list[float], captions: list[float], threshold: float | None = None) -> str | None:
+    """ITC similarity histograms (cosines in [-1, 1], binned over the range they span), with
+    ``threshold`` (a selection's ``itc_threshold``) marked; None without matplotlib."""
+    values = [*web, *captions, *([threshold] if threshold is not None else [])]
+    low, high = math.floor(min(values, default=0) * 20) / 20, math.ceil(max(values, default=0) * 20) / 20
+    high = max(high, low + 0.05)
+    bins = [low + (high - low) * i / 40 for i in range(41)]
+    marks = {f"itc_threshold {threshold:g}": threshold} if threshold is not None else {}
+    return _histograms(web, captions, bins, "ITC similarity (cosine)", marks)
+
+
+def _histograms(web: list[float], captions: list[float], bins: list[float], xlabel: str,
+                marks: dict[str, float]) -> str | None:
+    """Web-text and caption histograms side by side, ``marks`` as dashed lines, as a PNG data URI."""
     try:
         import matplotlib
 
@@ -205,15 +284,16 @@ def histogram_png(web: list[float], captions: list[float], threshold: float) -> 
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
-    bins = [i / 40 for i in range(41)]
     for ax, scores, title, colour in ((axes[0], web, "web texts", "#4c72b0"),
                                       (axes[1], captions, "synthetic captions", "#dd8452")):
         ax.hist(scores, bins=bins, color=colour)
-        ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:g}")
+        for label, x in marks.items():
+            ax.axvline(x, color="#c44e52", linestyle="--", label=label)
         ax.set_title(f"{title} ({len(scores):,})")
-        ax.set_xlabel("ITM match score")
-        ax.set_xlim(0, 1)
-        ax.legend(loc="upper left")
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(bins[0], bins[-1])
+        if marks:
+            ax.legend(loc="upper left")
     axes[0].set_ylabel("texts")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -236,7 +316,9 @@ td.l,th.l{text-align:left}
 .noimg{height:96px;display:flex;align-items:center;justify-content:center;color:#a00;text-align:center}
 .key{color:#666;font-family:monospace} .t{margin:2px 0}
 .kept{color:#1a7f37} .dropped{color:#b42318} .score{font-family:monospace}
+.group{margin:8px 0 16px} .keeper{border:2px solid #1a7f37}
 """
+NO_MATPLOTLIB = "<p>matplotlib is not installed: no histogram (pip install 'capfilt[report]').</p>"
 
 
 def render_html(data: ReportData) -> str:
@@ -249,7 +331,7 @@ def render_html(data: ReportData) -> str:
         "style-src 'unsafe-inline'\">",
         f"<title>capfilt report: {esc(data.output)}</title><style>{CSS}</style></head><body>",
         "<h1>capfilt report</h1>",
-        f"<p class='meta'>{esc(data.output)} · threshold {data.threshold:g} · captioner "
+        f"<p class='meta'>{esc(data.output)} · threshold {data.threshold:g}{_itc_meta(data)} · captioner "
         f"{esc(str(data.config.get('captioner', {}).get('model', '?')))} · filter "
         f"{esc(str(data.config.get('filter', {}).get('model', '?')))} · written "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
@@ -265,14 +347,9 @@ def render_html(data: ReportData) -> str:
     parts.append("</section>")
     parts += _shard_table(data)
     parts += _error_table(data)
-    parts.append("<section id='scores'><h2>Scores</h2>")
-    png = histogram_png(data.web_scores, data.caption_scores, data.threshold)
-    if png:
-        parts.append(f"<img class='plot' alt='score histograms' src='{png}'>")
-    else:
-        parts.append("<p>matplotlib is not installed: no histogram (pip install 'capfilt[report]').</p>")
-    parts.append(f"<p class='meta'>From the parquet of {len(data.sampled_shards):,} of {t['shards']:,} "
-                 f"shards ({data.sampled_rows:,} samples).</p></section>")
+    parts += _scores_section(data)
+    parts += _itc_section(data)
+    parts += _selection_section(data)
     for section, (title, what) in SECTIONS.items():
         rows = data.examples.get(section, [])
         parts.append(f"<section id='{section}'><h2>{esc(title)}</h2><p class='meta'>{esc(what)}; "
@@ -281,6 +358,76 @@ def render_html(data: ReportData) -> str:
         parts.append("</div></section>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _itc_meta(data: ReportData) -> str:
+    return "" if data.itc_threshold is None else f" · itc_threshold {data.itc_threshold:g}"
+
+
+def _sampled(data: ReportData) -> str:
+    return (f"<p class='meta'>From the parquet of {len(data.sampled_shards):,} of {data.totals['shards']:,} "
+            f"shards ({data.sampled_rows:,} samples).</p>")
+
+
+def _scores_section(data: ReportData) -> list[str]:
+    parts = ["<section id='scores'><h2>Scores</h2>"]
+    png = histogram_png(data.web_scores, data.caption_scores, data.threshold)
+    if png:
+        parts.append(f"<img class='plot' alt='score histograms' src='{png}'>")
+    else:
+        parts.append(NO_MATPLOTLIB)
+    return parts + [_sampled(data), "</section>"]
+
+
+def _itc_section(data: ReportData) -> list[str]:
+    parts = ["<section id='itc'><h2>ITC similarities</h2>"]
+    if not data.web_itc and not data.caption_itc:
+        parts.append("<p>No ITC similarity in the sampled parquet: the run did not record them "
+                     "(filter.itc off, or a capfilt older than them).</p>")
+        return parts + ["</section>"]
+    png = itc_histogram_png(data.web_itc, data.caption_itc, data.itc_threshold)
+    parts.append(f"<img class='plot' alt='ITC histograms' src='{png}'>" if png else NO_MATPLOTLIB)
+    parts.append("<p class='meta'>Each text's cosine similarity to its image, from the filter's unimodal "
+                 "encoders (web_itc, caption_itc): what select.itc_threshold and select.top_score: itc "
+                 "read.</p>")
+    return parts + [_sampled(data), "</section>"]
+
+
+def _selection_section(data: ReportData) -> list[str]:
+    """A selection's policy, why its samples left (over the whole run), and its near-duplicates."""
+    if data.selection is None:
+        return []
+    record = data.selection
+    policy = {k: v for k, v in (record.get("policy") or {}).items() if v is not None}
+    parts = ["<section id='selection'><h2>Selection</h2>",
+             f"<p class='meta'>capfilt select of {html.escape(str(record.get('run', '?')))}; policy: "
+             f"{html.escape(', '.join(f'{k}={v}' for k, v in policy.items()))}</p>"]
+    reasons = record.get("reasons") or {}
+    if reasons:
+        total = sum(reasons.values())
+        parts.append("<table id='reasons'>" + _row(["select_reason", "samples", "texts removed"], "th"))
+        removed = record.get("texts_removed") or {}
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            parts.append(_row([reason, _count_pct(count, total), removed.get(reason, "")]))
+        parts.append("</table>")
+    dedup = record.get("dedup")
+    if not dedup:
+        return parts + ["<p>No near-duplicate removal in this selection (select.dedup off).</p></section>"]
+    parts.append(f"<h3>Near-duplicates</h3><p class='meta'>{dedup.get('duplicates', 0):,} images dropped as "
+                 f"near-duplicates of {dedup.get('images', 0):,} (cosine ≥ {dedup.get('threshold')}); the "
+                 f"{len(data.duplicate_groups)} largest groups in the sampled shards, each its kept image "
+                 "first.</p>")
+    for group in data.duplicate_groups:
+        kept = group["kept"]
+        parts.append("<div class='grid group'>")
+        parts.append(_card(kept, data.threshold, "keeper") if kept else
+                     f"<div class='card keeper'><div class='noimg'>{html.escape(group['key'])}: kept, in a "
+                     "shard not sampled</div></div>")
+        parts += [_card(r, data.threshold) for r in group["removed"]]
+        if group["count"] > len(group["removed"]):
+            parts.append(f"<div class='card'>and {group['count'] - len(group['removed']):,} more</div>")
+        parts.append("</div>")
+    return parts + ["</section>"]
 
 
 def _failed_table(data: ReportData, limit: int = 100) -> list[str]:
@@ -333,22 +480,25 @@ def _error_table(data: ReportData) -> list[str]:
     return parts
 
 
-def _card(row: dict[str, Any], threshold: float) -> str:
+def _card(row: dict[str, Any], threshold: float, kind: str = "") -> str:
     esc = html.escape
     if row.get("_thumb"):
         image = f"<img alt='{esc(row['key'])}' src='{row['_thumb']}'>"
     else:
         image = f"<div class='noimg'>{esc(row.get('_thumb_error') or 'no image')}</div>"
-    lines = [f"<div class='card'>{image}<div class='key'>{esc(row['_shard'])}/{esc(row['key'])} · "
-             f"{esc(row['status'])}</div>"]
+    status = row.get(SELECT_REASON) or row["status"]  # a selection's: why the sample left
+    lines = [f"<div class='card {kind}'>{image}<div class='key'>{esc(row['_shard'])}/{esc(row['key'])} · "
+             f"{esc(status)}</div>"]
+    captions = row["captions"] or []
+    itcs = [row.get("web_itc"), *(row.get("caption_itc") or [None] * len(captions))]
     texts = [("web", row["web_text"], row["web_score"])]
-    texts += [("caption", c, s) for c, s in zip(row["captions"] or [], row["caption_scores"] or [])]
-    for origin, text, score in texts:
+    texts += [("caption", c, s) for c, s in zip(captions, row["caption_scores"] or [])]
+    for (origin, text, score), itc in zip(texts, itcs):
         if text is None:
             continue
         kept = score is not None and score >= threshold
         mark = "kept" if kept else "dropped"
-        shown = "–" if score is None else f"{score:.3f}"
+        shown = ("–" if score is None else f"{score:.3f}") + ("" if itc is None else f" itc {itc:.2f}")
         lines.append(f"<div class='t {mark}'><span class='score'>{shown}</span> {origin}: {esc(text[:300])}</div>")
     lines.append("</div>")
     return "".join(lines)

@@ -37,6 +37,7 @@ def hand_made_output(tmp_path, shards=2):
             records.append({"key": key, "jpg": image, "txt": f"web <b>{key}</b>"})
             sample = Sample(key=key, image=image, image_ext="jpg", web_text=f"web <b>{key}</b>")
             sample.web_score, sample.caption_scores = web, scores
+            sample.web_itc, sample.caption_itc = web - 0.45, [score - 0.45 for score in scores]
             sample.captions = [f"caption {i} of {key}" for i in range(len(scores))]
             samples.append(decide(sample, THRESHOLD, "best_score"))
         records.append({"key": f"{s}bad", "jpg": b"not an image", "txt": "broken"})
@@ -142,12 +143,13 @@ def test_report_opens_in_headless_chromium_with_every_image_rendered(tmp_path):
         })""")
         browser.screenshot(str(tmp_path / "report.png"))
     found = json.loads(found)
-    assert [s[0] for s in found["sections"]] == ["summary", "shards", "errors", "scores",
+    assert [s[0] for s in found["sections"]] == ["summary", "shards", "errors", "scores", "itc",
                                                  "web-kept", "rescued", "dropped", "borderline"]
     # Nothing may load from anywhere and no script may run: the page is untrusted data.
     assert found["csp"] == "default-src 'none'; img-src data:; style-src 'unsafe-inline'", found["csp"]
     assert found["images"] and all(i["ok"] for i in found["images"]), found["images"]
     assert found["images"][0]["alt"] == "score histograms" and found["images"][0]["w"] > 500
+    assert found["images"][1]["alt"] == "ITC histograms" and found["images"][1]["w"] > 500
     # Shard 1's dropped image was only in its (removed) input tar: shown as missing, not broken.
     assert len(found["missing"]) == 1 and "not found" in found["missing"][0]
     assert found["cards"]["web-kept"] == 4 and found["cards"]["rescued"] == 2
@@ -179,3 +181,102 @@ def test_report_of_a_real_run(tiny_models, tmp_path):
     shown = [r for rows in data.examples.values() for r in rows]
     assert shown and all(r["_thumb"] for r in shown)
     assert len(data.web_scores) == 8 and len(data.caption_scores) > 0
+    assert len(data.web_itc) == 8 and len(data.caption_itc) == len(data.caption_scores)  # filter.itc is on
+
+
+def test_itc_similarities_are_plotted_and_an_older_output_without_them_still_reports(tmp_path):
+    import pyarrow.parquet as pq
+
+    from capfilt.report import render_html
+
+    out = hand_made_output(tmp_path)
+    data = build_report(str(out))
+    assert sorted(data.web_itc) == pytest.approx(sorted([web - 0.45 for _, web, _ in CASES.values()] * 2))
+    assert len(data.caption_itc) == len(data.caption_scores) == 16
+    page = render_html(data)
+    assert "alt='ITC histograms'" in page and "did not record" not in page
+    assert "0.910 itc 0.46</span> web" in page  # each text's ITC beside its ITM score
+    for path in out.glob("*.parquet"):  # a capfilt older than the ITC columns wrote none
+        pq.write_table(pq.read_table(path).drop_columns(["web_itc", "caption_itc", "image_embedding"]), path)
+    data = build_report(str(out))
+    assert (data.web_itc, data.caption_itc, data.totals["samples"]) == ([], [], 10)
+    page = render_html(data)
+    assert "ITC histograms" not in page and "itc 0." not in page
+    assert "the run did not record them (filter.itc off, or a capfilt older than them)" in page
+
+
+def unit(*values):
+    import numpy as np
+
+    vector = np.asarray(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+# key -> (colour, web ITM score, embedding): a ~ c ~ e (cosines >= 0.99), b ~ f, g alone and below
+# the threshold. dedup keeps the best scored of each group: c (a and e its duplicates), b (f).
+NEAR = {"00000": {"a": ("red", 0.9, unit(1, 0, 0)), "b": ("blue", 0.6, unit(0, 1, 0)),
+                  "g": ("green", 0.2, unit(0, 0, 1))},
+        "00001": {"c": ("yellow", 0.95, unit(1, 0.1, 0)), "e": ("red", 0.8, unit(1, 0, 0.1)),
+                  "f": ("green", 0.55, unit(0.1, 1, 0))}}
+
+
+def run_with_near_duplicates(root):
+    """A finished run made by hand (ITM, ITC, embeddings) over input tars of real images."""
+    from capfilt.config import Config
+    from capfilt.io.layout import RUN_FILE
+    from capfilt.io.reader import read_shard
+
+    (root / "in").mkdir()
+    run = OutputDir(str(root / "run"))
+    for shard, samples in NEAR.items():
+        url = write_shard(root / "in" / f"{shard}.tar", [
+            {"key": key, "jpg": image_bytes(colour, seed=n), "txt": f"web <i>{key}</i>"}
+            for n, (key, (colour, _, _)) in enumerate(samples.items())])
+        with ShardWriter(run, shard, 0.5, "per_image", ShardStats(shard=shard, fingerprint="runfp")) as writer:
+            for sample, (web, vector) in zip(read_shard(url), [(w, v) for _, w, v in samples.values()]):
+                sample.width, sample.height = 48, 40
+                sample.web_score, sample.web_itc, sample.embedding = web, web - 0.5, vector.astype("float16")
+                writer.write(decide(sample, 0.5, "best_score"))
+    config = Config(input=str(root / "in")).to_dict()
+    config["filter"].update(itc=True, model="tiny-filter")
+    config["writer"]["embeddings"] = True
+    run.write_bytes(RUN_FILE, json.dumps({"config": config, "fingerprint": "runfp"}).encode())
+    return root / "run"
+
+
+def mean_colour(data_uri: str):
+    import base64
+    import io
+
+    data = base64.b64decode(data_uri.split(",", 1)[1])
+    return Image.open(io.BytesIO(data)).convert("RGB").resize((1, 1)).getpixel((0, 0))
+
+
+def near(rgb, colour: str) -> bool:
+    return max(abs(a - b) for a, b in zip(rgb, COLOURS[colour])) < 40
+
+
+def test_a_selection_s_report_shows_its_reasons_and_duplicate_groups_with_their_images(tmp_path, capsys):
+    import tarfile
+
+    run = run_with_near_duplicates(tmp_path)
+    new, page = tmp_path / "unique", tmp_path / "unique.html"
+    assert main(["select", str(run), str(new), "--no-progress", "select.dedup=true"]) == 0
+    assert main(["report", str(new), "--html", str(page)]) == 0
+    data = build_report(str(new))
+    assert data.threshold == 0.5 and data.config["filter"]["model"] == "tiny-filter"  # the run's
+    assert data.selection["reasons"] == {"below_threshold": 1, "duplicate_of": 3, "kept": 2}
+    groups = [(g["key"], g["kept"]["key"], [r["key"] for r in g["removed"]], g["count"])
+              for g in data.duplicate_groups]
+    assert groups == [("c", "c", ["a", "e"], 2), ("b", "b", ["f"], 1)]  # the largest group first
+    with tarfile.open(new / "00000.tar") as tar:
+        assert {m.name.split(".")[0] for m in tar.getmembers()} == {"b"}  # a is in the input tar only
+    colours = {r["key"]: mean_colour(r["_thumb"]) for g in data.duplicate_groups
+               for r in [g["kept"], *g["removed"]]}
+    assert all(near(colours[key], NEAR[shard][key][0]) for shard in NEAR for key in NEAR[shard] if key != "g")
+
+    text = page.read_text()
+    assert "id='selection'" in text and "web <i>" not in text and "web &lt;i&gt;a&lt;/i&gt;" in text
+    assert "<tr><td>duplicate_of</td><td>3 (50.0%)</td><td>3</td></tr>" in text
+    assert text.count("class='grid group'") == 2 and text.count("card keeper") == 2
+    assert "00000/a · duplicate_of c" in text
