@@ -2,12 +2,33 @@
 
 BLIP's 0.5 is right for its COCO-fine-tuned filter; another checkpoint, domain or
 training recipe puts its match/no-match boundary elsewhere. Given (image, text, label)
-pairs scored with the configured filter, this finds the threshold for a target.
+pairs scored with the configured filter, this finds the threshold for a target: of the ITM
+score (``filter.threshold``), or of the ITC similarity a run records beside it
+(``select.itc_threshold``, applied by ``capfilt select``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Score:
+    """A score a threshold can be calibrated for: its range, and the config key that sets it."""
+
+    name: str
+    key: str
+    low: float
+    high: float
+
+    @property
+    def steps(self) -> int:
+        """Thresholds 0.01 apart, strictly inside the range."""
+        return round((self.high - self.low) * 100) - 1
+
+
+SCORES = {"itm": Score("itm", "filter.threshold", 0.0, 1.0),
+          "itc": Score("itc", "select.itc_threshold", -1.0, 1.0)}  # a cosine
 
 
 @dataclass(frozen=True)
@@ -27,13 +48,15 @@ class Point:
         return (self.recall + self.specificity) / 2
 
 
-def curve(scores: list[float], labels: list[bool], steps: int = 99) -> list[Point]:
-    """Precision, recall and specificity at thresholds 0.01 .. 0.99 (keep when score >= t)."""
+def curve(scores: list[float], labels: list[bool], steps: int = 99, low: float = 0.0,
+          high: float = 1.0) -> list[Point]:
+    """Precision, recall and specificity at ``steps`` thresholds evenly inside (low, high), by
+    default 0.01 .. 0.99 (keep when score >= t)."""
     positives = sum(labels)
     negatives = len(labels) - positives
     points = []
     for i in range(1, steps + 1):
-        t = i / (steps + 1)
+        t = round(low + (high - low) * i / (steps + 1), 10)  # -0.7, not -0.7000000000000001
         kept = [label for score, label in zip(scores, labels) if score >= t]
         true_kept = sum(kept)
         dropped_neg = negatives - (len(kept) - true_kept)
@@ -43,11 +66,13 @@ def curve(scores: list[float], labels: list[bool], steps: int = 99) -> list[Poin
     return points
 
 
-def suggest(points: list[Point], target: str = "balanced_accuracy", value: float | None = None) -> Point:
-    """The threshold for a goal: the best ``balanced_accuracy`` or ``f1``; or the highest
-    threshold with recall >= value (``recall``); or the lowest with precision >= value (``precision``)."""
+def suggest(points: list[Point], target: str = "balanced_accuracy", value: float | None = None,
+            centre: float = 0.5) -> Point:
+    """The threshold for a goal: the best ``balanced_accuracy`` or ``f1`` (of equals, the one
+    nearest ``centre``); or the highest threshold with recall >= value (``recall``); or the
+    lowest with precision >= value (``precision``)."""
     if target in ("balanced_accuracy", "f1"):
-        return max(points, key=lambda p: (getattr(p, target), -abs(p.threshold - 0.5)))
+        return max(points, key=lambda p: (getattr(p, target), -abs(p.threshold - centre)))
     if target not in ("recall", "precision"):
         raise ValueError(f"unknown calibration target {target!r}")
     if value is None or not 0 < value <= 1:
@@ -132,8 +157,20 @@ def _label(meta: dict):
     return None
 
 
-def score_pairs(itm_filter, images: list, texts: list[str], batch_size: int = 32) -> list[float]:
-    """ITM scores of (image, text) pairs; images are RGB PIL images."""
+def centre(scores: list[float], labels: list[bool]) -> float:
+    """Midway between the mean score of the matching pairs and that of the others: where ``suggest``
+    breaks ties for a score whose range has no natural middle (ITC)."""
+    matching = [s for s, label in zip(scores, labels) if label]
+    others = [s for s, label in zip(scores, labels) if not label]
+    return (sum(matching) / len(matching) + sum(others) / len(others)) / 2
+
+
+def score_pairs(itm_filter, images: list, texts: list[str], batch_size: int = 32,
+                score: str = "itm") -> list[float]:
+    """ITM scores (or, ``score="itc"``, ITC similarities) of (image, text) pairs, as the filter
+    scores them in a run; images are RGB PIL images. ITC needs the filter built with ``itc`` on."""
+    if score == "itc" and not itm_filter.cfg.itc:
+        raise ValueError("ITC similarities need the filter with filter.itc: true")
     import numpy as np
     import torch
 
@@ -144,5 +181,5 @@ def score_pairs(itm_filter, images: list, texts: list[str], batch_size: int = 32
         pixels = torch.from_numpy(np.stack([processor(images=im, return_tensors="np")["pixel_values"][0]
                                             for im in chunk]))
         result = itm_filter(pixels, [[t] for t in texts[start:start + batch_size]])
-        scores += [row[0] for row in result.itm]
+        scores += [row[0] for row in (result.itc if score == "itc" else result.itm)]
     return scores

@@ -22,7 +22,7 @@ COMMANDS = {
     "download": ("pipelines.download", "URL list -> webdataset shards, with img2dataset"),
     "web2clean": ("pipelines.web_to_clean", "download with img2dataset, then run CapFilt, in one go"),
     "finetune": ("pipelines.finetune", "fine-tune a BLIP captioner or filter on clean pairs"),
-    "calibrate": ("pipelines.calibrate", "suggest filter.threshold from labelled pairs"),
+    "calibrate": ("pipelines.calibrate", "suggest filter.threshold (or select.itc_threshold) from labelled pairs"),
     "inspect": ("pipelines.inspect_rows", "print samples of an input or output shard as a table"),
     "report": ("pipelines.report", "write a self-contained HTML report of an output folder"),
     "reshard": ("pipelines.reshard", "repack cleaned shards to a target size"),

@@ -80,3 +80,19 @@ def test_a_parquet_without_a_label_column_or_shards_without_labels_are_one_line(
     shard = write_shard(tmp_path / "s.tar", [{"key": "k", "jpg": image_bytes("red"), "txt": "a red square"}])
     with pytest.raises(ValueError, match="no labelled pair"):
         load_labelled(shard)
+
+
+def test_an_itc_curve_spans_the_cosine_range_and_ties_break_between_the_classes():
+    from capfilt.calibrate import SCORES, centre
+
+    itc = SCORES["itc"]
+    scores, labels = [0.42, 0.40, -0.2, -0.3], [True, True, False, False]  # any t in (-0.2, 0.4] separates
+    points = curve(scores, labels, itc.steps, itc.low, itc.high)
+    assert (len(points), points[0].threshold, points[-1].threshold) == (199, -0.99, 0.99)
+    assert points[69].threshold == -0.3  # 0.01 apart, exactly: the key's value as printed
+    assert {round(p.threshold, 2): p.recall for p in points}[-0.3] == 1.0
+    middle = centre(scores, labels)
+    assert middle == pytest.approx(0.08)  # midway between the means 0.41 and -0.25
+    best = suggest(points, "balanced_accuracy", centre=middle)
+    assert best.threshold == 0.08 and best.balanced_accuracy == 1.0
+    assert suggest(points, "balanced_accuracy").threshold == 0.4  # 0.5's nearest, the ITM default

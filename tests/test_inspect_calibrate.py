@@ -89,3 +89,48 @@ def test_calibrate_reads_parquet_and_refuses_one_sided_sets(tiny_models, tmp_pat
     assert main(["calibrate", "--labelled", str(tmp_path / "one.parquet"),
                  f"filter.model={tiny_models[1]}", "runtime.device=cpu"]) == 2
     assert "both matching and non-matching" in capsys.readouterr().err
+
+
+def reference_itc(filter_path: str, images: list[bytes], texts: list[str]) -> list[float]:
+    """Each pair's ITC as transformers' retrieval model scores it (use_itm_head=False)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    model = BlipForImageTextRetrieval.from_pretrained(filter_path).eval()
+    processor = BlipImageProcessorPil.from_pretrained(filter_path)
+    pixels = torch.from_numpy(np.stack([processor(images=Image.open(io.BytesIO(b)).convert("RGB"),
+                                                  return_tensors="np")["pixel_values"][0] for b in images]))
+    tokens = AutoTokenizer.from_pretrained(filter_path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        similarity = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                           use_itm_head=False).itm_score  # (images, texts)
+    return similarity.diagonal().tolist()
+
+
+def test_calibrate_itc_suggests_select_itc_threshold_from_the_filter_s_itc(tiny_models, tmp_path, capsys):
+    """--score itc: the curve over ITC similarities in (-1, 1), scored as a run records them
+    (filter.itc turned on for it), and the key to set when selecting."""
+    from capfilt.io.reader import read_shard
+
+    shard = labelled_shard(tmp_path / "labelled.tar")
+    out = tmp_path / "calibration"
+    assert main(["calibrate", "--config", "configs/tiny.yaml", "--labelled", shard, "--output", str(out),
+                 f"filter.model={tiny_models[1]}", "filter.itc=false", "--score", "itc",
+                 "--target", "recall", "--value", "1.0"]) == 0
+    result = json.loads((out / "calibration.json").read_text())
+    assert (result["score"], result["key"], len(result["curve"])) == ("itc", "select.itc_threshold", 199)
+    assert (result["curve"][0]["threshold"], result["curve"][-1]["threshold"]) == (-0.99, 0.99)
+    samples = list(read_shard(shard))
+    itc = reference_itc(tiny_models[1], [s.image for s in samples], [s.web_text for s in samples])
+    lowest_match = min(score for score, s in zip(itc, samples) if s.meta["label"])
+    # Recall 1: the highest threshold at or under the lowest ITC of a matching pair.
+    assert result["suggested_threshold"] <= lowest_match + 1e-4 < result["suggested_threshold"] + 0.01
+    printed = capsys.readouterr().out
+    assert "keep when ITC similarity >= threshold" in printed
+    assert f"suggested select.itc_threshold={result['suggested_threshold']:.2f}" in printed
+    assert f"capfilt select RUN NEW select.itc_threshold={result['suggested_threshold']:.2f}" in printed
