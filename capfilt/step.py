@@ -70,7 +70,7 @@ class CapFiltStep:
         try:
             inputs = {name: model_input(proc) for name, proc in self.processors.items()}
             # A JPEG may decode at reduced scale, never below the largest size a model resizes to.
-            at_least = (max(i.size[1] for i in inputs.values()), max(i.size[0] for i in inputs.values()))
+            at_least = (max(i.at_least[1] for i in inputs.values()), max(i.at_least[0] for i in inputs.values()))
             reader = self.config.reader
             image = decode_rgb(sample.image, reader.max_image_pixels, reader.image_formats, at_least)
             sample.width, sample.height = image.info[SOURCE_SIZE]

@@ -102,22 +102,40 @@ class ModelInput:
     """One image processor's preprocessing, split at uint8 pixels of the model's size.
 
     ``resize`` (a decode thread) is the processor's own resize: PIL's, with its filter, from
-    the RGB image to uint8 H×W×3. ``normalise`` (the model's device) looks each uint8 value
+    the RGB image to uint8 H×W×3 (for CLIP's processor, its shortest side resized and the centre
+    cropped, with transformers' arithmetic). ``normalise`` (the model's device) looks each uint8 value
     up in a table of the processor's own float32 output for it, channel by channel: the
     rescale and normalise are pointwise, so the lookup equals the processor bit for bit,
     whatever the order of its float operations.
     """
 
     def __init__(self, processor: Any):
-        self.size = _fixed_size(processor)  # (height, width)
+        # CLIP's: the shortest side resized to this, then the centre cropped to ``size``; else None.
+        self.shortest_edge = _shortest_edge_then_crop(processor)
+        self.size = _fixed_size(processor) if self.shortest_edge is None else _crop_size(processor)  # (h, w)
         self.resample = processor.resample
         self.table = _value_table(processor, self.size)  # (3, 256) float32
         self._tables: dict[tuple, Any] = {}  # (device, dtype) -> the table there
 
+    @property
+    def at_least(self) -> tuple[int, int]:
+        """(height, width) an image is best decoded at or above: what the processor resizes to."""
+        return self.size if self.shortest_edge is None else (self.shortest_edge, self.shortest_edge)
+
     def resize(self, image: Image.Image) -> np.ndarray:
         """``image`` (RGB) at the model's size, uint8 H×W×3."""
         height, width = self.size
-        return np.asarray(image.resize((width, height), resample=self.resample))
+        if self.shortest_edge is None:
+            return np.asarray(image.resize((width, height), resample=self.resample))
+        # transformers' get_resize_output_image_size (default_to_square=False), then its
+        # center_crop's offsets; the crop is never larger than the resized image.
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.shortest_edge * long / short)
+        new_w, new_h = (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
+        resized = image.resize((new_w, new_h), resample=self.resample)
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        return np.asarray(resized.crop((left, top, left + width, top + height)))
 
     def normalise(self, pixels, dtype):
         """A uint8 batch (B, H, W, 3) on any device, as the processor's (B, 3, H, W) of ``dtype``."""
@@ -146,6 +164,24 @@ def model_input(processor: Any) -> ModelInput:
     return found
 
 
+def _shortest_edge_then_crop(processor: Any) -> int | None:
+    """CLIP's preprocessing: the shortest side resized to ``size.shortest_edge`` (the aspect
+    kept), then the centre cropped to ``crop_size``, no larger. Its shortest edge, else None."""
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    edge = getattr(size, "shortest_edge", None)
+    if not (getattr(processor, "do_resize", False) and getattr(processor, "do_center_crop", False) and edge
+            and getattr(size, "longest_edge", None) is None and not getattr(processor, "do_pad", False)):
+        return None
+    height, width = getattr(crop, "height", None), getattr(crop, "width", None)
+    if not (height and width) or max(height, width) > edge:
+        return None  # a crop that pads: refused by _fixed_size
+    return edge
+
+
+def _crop_size(processor: Any) -> tuple[int, int]:
+    return processor.crop_size.height, processor.crop_size.width
+
+
 def _fixed_size(processor: Any) -> tuple[int, int]:
     size = getattr(processor, "size", None)
     height, width = getattr(size, "height", None), getattr(size, "width", None)
@@ -154,7 +190,8 @@ def _fixed_size(processor: Any) -> tuple[int, int]:
         raise UnsupportedProcessor(
             f"{type(processor).__name__} (do_resize={getattr(processor, 'do_resize', None)}, size={size}"
             f"{''.join(f', {name}=True' for name in unsupported)}): capfilt resizes every image to one "
-            f"height and width on its decode threads, and crops and pads nothing")
+            f"height and width on its decode threads (or its shortest side to one length, then its centre "
+            f"cropped, as CLIP's), and pads nothing")
     return height, width
 
 
@@ -167,7 +204,9 @@ def _value_table(processor: Any, size: tuple[int, int]) -> np.ndarray:
     chunks = [values[start:start + height * width] for start in range(0, 256, height * width)]
     greys = [np.resize(chunk, (height, width)) for chunk in chunks]
     images = [Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB") for grey in greys]
-    out = np.asarray(processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
+    # Already at the model's size: the resize (and crop) would leave them as they are.
+    skip = {"do_resize": False, "do_center_crop": False} if getattr(processor, "do_center_crop", False) else {}
+    out = np.asarray(processor(images=images, return_tensors="np", **skip)["pixel_values"], dtype=np.float32)
     table = np.concatenate([o.reshape(3, -1)[:, :len(c)] for o, c in zip(out, chunks)], axis=1)
     if out.shape[1:] != (3, height, width) or not all(
             np.array_equal(o, table[:, grey]) for o, grey in zip(out, greys)):
