@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from capfilt.io.fs import exists, expand_input, isdir, read_parquet, read_parquet_schema, shard_name
+from capfilt.io.writer import IMAGE_EMBEDDING
 from capfilt.io.layout import PARQUET_SUFFIX, parquet_name
 from capfilt.io.reader import read_shard
 
@@ -38,7 +39,9 @@ def _rows(path: str) -> Iterator[dict[str, Any]]:
 
 
 def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
-    yield from read_parquet(path).to_pylist()
+    """The rows, without the image embeddings: 256 numbers a row that inspect never shows."""
+    columns = [name for name in read_parquet_schema(path).names if name != IMAGE_EMBEDDING]
+    yield from read_parquet(path, columns=columns).to_pylist()
 
 
 def _is_capfilt_parquet(path: str) -> bool:
