@@ -8,6 +8,7 @@ values raise ``ConfigError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import field
 from typing import Annotated, Any, Literal, Union
 
@@ -103,6 +104,22 @@ class FilterConfig:
     # image and text encoders and projections, as BlipForImageTextRetrieval(use_itm_head=False)
     # scores a pair, with [CLS] first. Recorded only: the ITM score decides.
     itc: bool = True
+
+
+# A recorded score's name: its parquet columns are NAME_web and NAME_captions.
+ScoreName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
+@dataclass(config=STRICT)
+class ScoreConfig:
+    """One more model whose scores are recorded beside the filter's, never deciding
+    (capfilt/models/scorers.py): one column per text kind, for ``capfilt select`` later."""
+
+    name: ScoreName
+    model: str
+    revision: str = "main"
+    # auto: the checkpoint config.json's model_type (clip, siglip); another is refused at start.
+    kind: Literal["auto", "clip", "siglip"] = "auto"
 
 
 @dataclass(config=STRICT)
@@ -312,6 +329,18 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Models whose scores are recorded only (the filter decides): [{name, model, revision, kind}].
+    scores: list[ScoreConfig] = field(default_factory=list)
+
+    @field_validator("scores")
+    @classmethod
+    def _score_names_unique(cls, value: list[ScoreConfig]) -> list[ScoreConfig]:
+        names = [item.name for item in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise PydanticCustomError("duplicate_score", "two scores named {names}: each name is a column",
+                                      {"names": ", ".join(twice)})
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -363,14 +392,40 @@ def build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
     for key, value in raw.items():
         key = str(key)
         current = getattr(base, key, None) if key in cls.__dataclass_fields__ else None
+        item_cls = _list_item_section(cls, key)
         if dataclasses.is_dataclass(current):
             values[key] = build(type(current), value, prefix + key + ".", current)
+        elif item_cls is not None and isinstance(value, list):  # each item named scores[0].model
+            values[key] = [_build_item(item_cls, item, f"{prefix}{key}[{i}].") for i, item in enumerate(value)]
         else:
             values[key] = value
     try:
         return dataclasses.replace(base, **values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, cls, prefix)) from None
+
+
+def _build_item(cls: type, raw: Any, prefix: str) -> Any:
+    """One item of a list of sections: a mapping, with the keys its class requires."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {raw!r}")
+    try:
+        return cls(**{str(key): value for key, value in raw.items()})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, cls, prefix)) from None
+
+
+def _list_item_section(cls: type, key: str) -> type | None:
+    """The section class of field ``key`` when it is a list of sections (``scores``), else None."""
+    info = getattr(cls, "__pydantic_fields__", {}).get(key)
+    args = typing.get_args(info.annotation) if info is not None else ()
+    if info is not None and typing.get_origin(info.annotation) is list and args and \
+            dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+_NO_INPUT_SHOWN = ("missing", "duplicate_score")
 
 
 def _describe(exc: ValidationError, cls: type, prefix: str) -> str:
@@ -384,6 +439,9 @@ def _describe(exc: ValidationError, cls: type, prefix: str) -> str:
             lines[key] = [f"unknown config key {key!r} (known here: {known})"]
             continue
         message = error["msg"][:1].lower() + error["msg"][1:]
+        if error["type"] in _NO_INPUT_SHOWN:  # the input is the whole section, or nothing
+            lines[key] = [f"{key}: {message}"]
+            continue
         entry = lines.setdefault(key, [f"{key}: {error['input']!r}: {message}"])
         if message not in entry[0]:  # each alternative of a union
             entry[0] += f" or {message}"
