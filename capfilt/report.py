@@ -2,8 +2,9 @@
 
 Bounded on any output size: totals come from the per-shard stats files (small JSON, all of
 them), scores and examples from the parquet of at most ``max_shards`` shards spread evenly
-over the run, and thumbnails from at most ``image_shards`` tars, each streamed only until
-its wanted keys are found. Everything is read through ``capfilt.io.fs``. The page embeds its images
+over the run, and the grids' thumbnails from at most ``image_shards`` tars (a selection's
+near-duplicate groups', at most 6 x 6 images, from theirs), each streamed only until its wanted
+keys are found. Everything is read through ``capfilt.io.fs``. The page embeds its images
 and plots as data URIs, loads nothing and runs no script; every text from the data is
 escaped (it is untrusted web text).
 
