@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -357,15 +356,9 @@ def itm_accuracy(logits: np.ndarray, codes: np.ndarray, positives: np.ndarray, n
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from capfilt.run import package_versions
 
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("capfilt", "torch", "transformers", "pillow"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    return package_versions(("capfilt", "torch", "transformers", "pillow"))
 
 
 def load_models(config: Config) -> Models:

@@ -206,12 +206,7 @@ def check_compatible(out: OutputDir, identity: dict[str, Any], fp: str, mode: st
 def run_record(config: Config, identity: dict[str, Any], fp: str, shards: int) -> dict[str, Any]:
     """``run.json``: the resolved config (credentials redacted), what decides the output
     (``identity``) and its fingerprint, versions, models."""
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    versions = package_versions()
     resolved = redact_strings(config.to_dict())
     resolved["storage_options"] = redact_options(config.storage_options)
     return {
@@ -225,6 +220,17 @@ def run_record(config: Config, identity: dict[str, Any], fp: str, shards: int) -
         },
         "shards": shards,
     }
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Python's version and each package's (None when it is not installed), as records hold them."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def aggregate(done_stats: dict[str, ShardStats], tasks: list[ShardTask],
