@@ -45,13 +45,16 @@ def refuse_if_changed(url: str, record: dict[str, Any] | None, identity: dict[st
 def output_identity(config, weights: dict[str, str | None]) -> dict[str, Any]:
     """Everything that changes the output's bytes: the model, reader and writer sections, the
     runtime settings above and the device kind, as ``auto`` resolves on this machine
-    (``runtime/defaults.py``), the identity of each slot's weights (hub commit or a hash of the
-    local files) and capfilt's output revision. Not the input, the output or the placement."""
+    (``runtime/defaults.py``), the recorded scores' models (``scores``), the identity of each
+    slot's and scorer's weights (hub commit or a hash of the local files) and capfilt's output
+    revision. Not the input, the output or the placement."""
     from capfilt.runtime.defaults import resolve_runtime, run_facts
 
     runtime = resolve_runtime(config.runtime, run_facts(config.runtime))
+    # The recorded scores only when there are some: a run without them keeps its fingerprint.
+    sections = ("captioner", "filter", "reader", "writer") + (("scores",) if config.scores else ())
     return {
-        **{section: config.to_dict()[section] for section in ("captioner", "filter", "reader", "writer")},
+        **{section: config.to_dict()[section] for section in sections},
         "runtime": {**{key: getattr(runtime, key) for key in RUNTIME_KEYS}, "device": runtime.device},
         "weights": dict(weights),
         "output_revision": OUTPUT_REVISION,

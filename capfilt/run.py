@@ -150,8 +150,8 @@ def _remove_temporaries(out: OutputDir) -> None:
 
 
 def check_models(config: Config) -> dict[str, str | None]:
-    """Both models can be loaded, whole and of their slot's class (a checkpoint folder, or a hub
-    id in reach), before any worker tries. Returns what pins each slot's weights
+    """Both models, and each recorded score's, can be loaded, whole and of their slot's class (a
+    checkpoint folder, or a hub id in reach), before any worker tries. Returns what pins each slot's weights
     (``loading.checkpoint_identity``)."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
@@ -172,6 +172,23 @@ def check_models(config: Config) -> dict[str, str | None]:
             raise ValueError(f"{slot}.{length_key}: {wanted} tokens, but {section.model}'s text model "
                              f"has {positions} positions; set it to {positions} or less")
         weights[slot] = checkpoint_identity(section.model, section.revision)
+    weights.update(check_scorers(config))
+    return weights
+
+
+def check_scorers(config: Config) -> dict[str, str | None]:
+    """Each recorded score's checkpoint (``scores:``) is of a kind capfilt scores with and loads
+    whole as its class; returns what pins each one's weights, keyed ``scores.NAME``."""
+    from capfilt.models.loading import check_checkpoint, check_loads_whole, checkpoint_identity
+    from capfilt.models.scorers import model_class, scorer_kind
+
+    weights = {}
+    for index, score in enumerate(config.scores):
+        key = f"scores[{index}].model"
+        checkpoint = check_checkpoint(key, score.model, score.revision)
+        kind = scorer_kind(score.kind, checkpoint, key, score.model)
+        check_loads_whole(key, score.model, score.revision, model_class(kind), checkpoint)
+        weights[f"scores.{score.name}"] = checkpoint_identity(score.model, score.revision)
     return weights
 
 

@@ -40,6 +40,9 @@ class Sample:
     caption_itc: list[float] = field(default_factory=list)
     # The image's normalised ITC embedding, a float16 numpy vector (writer.embeddings).
     embedding: Any = None
+    # Recorded scores (``scores:``), by scorer name: {"web": float | None, "captions": [float, ...]},
+    # the captions' aligned with ``captions``. The parquet's NAME_web and NAME_captions.
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Filled by the decision stage.
     status: str | None = None
     kept_texts: list[tuple[str, str, float]] = field(default_factory=list)  # (text, origin, score)

@@ -18,10 +18,11 @@ from capfilt.decision import decide
 from capfilt.io.fs import OutputDir, configure_storage
 from capfilt.io.images import SOURCE_SIZE, ImageError, UnsupportedProcessor, decode_rgb, model_input
 from capfilt.io.reader import read_shard
-from capfilt.io.writer import ShardWriter
+from capfilt.io.writer import ShardWriter, run_schema
 from capfilt.models.captioner import Captioner, batch_seed
 from capfilt.models.itm_filter import ITMFilter
 from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
+from capfilt.models.scorers import load_scorer
 from capfilt.prefetch import pixel_batch, prefetch_batches
 from capfilt.runtime.defaults import apply_precision, worker_runtime
 from capfilt.runtime.shards import ShardTask
@@ -54,12 +55,22 @@ class CapFiltStep:
         self.processors = {"captioner": cap_proc}
         if itm_proc.to_dict() != cap_proc.to_dict():
             self.processors["filter"] = itm_proc
+        # Recorded scores (scores:): each scorer's pixels are under the key of a processor that
+        # preprocesses as its own does, else under its own.
+        self.scorers = {s.name: load_scorer(s, self.device, rt.dtype) for s in config.scores}
+        self.score_inputs: dict[str, str] = {}
+        for name, scorer in self.scorers.items():
+            own = scorer.image_processor.to_dict()
+            key = next((k for k, p in self.processors.items() if p.to_dict() == own), f"score:{name}")
+            self.processors.setdefault(key, scorer.image_processor)
+            self.score_inputs[name] = key
         self.reader_options = config.reader
 
     def revisions(self) -> dict[str, Any]:
         return {
             "captioner": {"model": self.config.captioner.model, "resolved": self.captioner.loaded.revision},
             "filter": {"model": self.config.filter.model, "resolved": self.filter.loaded.revision},
+            **{f"scores.{name}": {"model": s.cfg.model, "resolved": s.revision} for name, s in self.scorers.items()},
         }
 
     def prepare(self, sample: Sample) -> Sample:
@@ -96,7 +107,8 @@ class CapFiltStep:
                                    rt.prefetch_batches, pin_memory=self.device == "cuda")
         model_seconds = 0.0  # in the models, to tell compute from I/O, decoding and Ray
         with ShardWriter(out, task.name, self.config.filter.threshold, self.config.writer.layout,
-                         stats, embeddings=self.config.writer.embeddings) as writer:
+                         stats, embeddings=self.config.writer.embeddings,
+                         schema=run_schema(list(self.scorers))) as writer:
             staged = None
             for index, (batch, upcoming) in enumerate(_with_next(batches)):
                 begin = time.perf_counter()
@@ -198,9 +210,13 @@ class CapFiltStep:
         pending = self.filter.launch(pixels.get("filter", pixels["captioner"]), texts,
                                      embeddings=self.config.writer.embeddings,
                                      states=staged.filter_states if staged is not None else None)
-        return lambda: self._decide(samples, texts, pending.result())
+        # The recorded scores, of the same texts; the filter's alone decide.
+        recorded = {name: scorer.launch(pixels[self.score_inputs[name]], texts)
+                    for name, scorer in self.scorers.items()}
+        return lambda: self._decide(samples, texts, pending.result(),
+                                    {name: r.result() for name, r in recorded.items()})
 
-    def _decide(self, samples: list[Sample], texts: list[list[str]], scores) -> None:
+    def _decide(self, samples: list[Sample], texts: list[list[str]], scores, recorded=None) -> None:
         cfg = self.config.filter
         for i, (sample, image_texts) in enumerate(zip(samples, texts)):
             by_text = dict(zip(image_texts, scores.itm[i]))
@@ -212,6 +228,10 @@ class CapFiltStep:
             sample.caption_itc = [itc[c] for c in sample.captions] if itc is not None else []
             if scores.embeddings is not None:
                 sample.embedding = scores.embeddings[i].astype("float16")
+            for name, result in (recorded or {}).items():
+                theirs = dict(zip(image_texts, result.scores[i]))
+                sample.scores[name] = {"web": theirs[sample.web_text] if _scorable(sample.web_text) else None,
+                                       "captions": [theirs[c] for c in sample.captions]}
             decide(sample, cfg.threshold, cfg.selection)
 
 

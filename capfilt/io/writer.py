@@ -68,6 +68,23 @@ PARQUET_SCHEMA = pa.schema([
 ])
 
 
+def run_schema(score_names: list[str]) -> pa.Schema:
+    """A run's parquet schema: ``PARQUET_SCHEMA``, then two columns per recorded score (``scores:``),
+    in the config's order: NAME_web (null without a web text) and NAME_captions (aligned with
+    ``captions``)."""
+    schema = PARQUET_SCHEMA
+    for name in score_names:
+        for column, kind in score_columns(name).items():
+            if column in schema.names:
+                raise ValueError(f"scores: {name!r} would write column {column}, which the parquet has already")
+            schema = schema.append(pa.field(column, kind))
+    return schema
+
+
+def score_columns(name: str) -> dict[str, pa.DataType]:
+    return {f"{name}_web": pa.float64(), f"{name}_captions": pa.list_(pa.float64())}
+
+
 # Columns added to the parquet after its first revision: a run written before one lacks it, and
 # its readers (capfilt reshard) take it as null.
 ADDED_COLUMNS = (TAR_BYTES, "web_itc", "caption_itc", IMAGE_EMBEDDING)
@@ -129,6 +146,7 @@ def parquet_row(sample: Sample, embeddings: bool = True) -> dict[str, Any]:
         TAR_BYTES: None,
         "notes": "; ".join(sample.notes) or None,
         IMAGE_EMBEDDING: sample.embedding if embeddings and sample.status != ERROR else None,
+        **{f"{name}_{part}": value for name, parts in sample.scores.items() for part, value in parts.items()},
     }
 
 

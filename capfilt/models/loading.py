@@ -193,8 +193,18 @@ def text_positions(config: dict[str, Any]) -> int | None:
 
 def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str) -> Loaded:
     """Load model, tokenizer and image processor of one BLIP checkpoint for inference."""
-    from transformers import AutoTokenizer
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    model, tokenizer, resolved = load_model(model_cls, name, revision, device, dtype)
+    kwargs = {} if os.path.isdir(name) else {"revision": revision}
+    image_processor = load_image_processor(BlipImageProcessorPil, name, model.config, kwargs)
+    return Loaded(model, tokenizer, image_processor, resolved)
+
+
+def load_model(model_cls: Any, name: str, revision: str, device: str, dtype: str) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, what pins the weights) of one checkpoint, for inference: safetensors
+    only, never remote code, refused unless every weight loads."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -208,10 +218,9 @@ def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str)
                          f"missing ({by_module(missing)})")
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    image_processor = load_image_processor(BlipImageProcessorPil, name, model.config, kwargs)
     resolved = getattr(model.config, "_commit_hash", None) or checkpoint_digest(name)
     log.info("loaded %s (%s) on %s as %s", name, resolved, device, dtype)
-    return Loaded(model, tokenizer, image_processor, resolved)
+    return model, tokenizer, resolved
 
 
 def load_image_processor(processor_cls, name: str, config, kwargs: dict):
