@@ -16,7 +16,7 @@ LOOPBACK_ENV := env -u RAY_ADDRESS \
 	HF_HUB_OFFLINE=1 \
 	NO_ALBUMENTATIONS_UPDATE=1
 
-.PHONY: install browser test demo bench gpu-check clean
+.PHONY: install browser test demo round bench gpu-check clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ test: install browser
 
 demo: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.demo --output demo_output
+
+# BLIP's Table 1 in miniature (README, "A round of CapFilt"): trains the demo's models in
+# round_output/ when missing, then web / F / C / C+F from scratch over two seeds.
+round: install
+	$(LOOPBACK_ENV) $(PY) -m pipelines.round --output round_output
 
 # BLIP-base shape by default (about 18 minutes on 2 cores); `make bench BENCH_ARGS="--shape small"`
 # takes a few minutes.
