@@ -304,3 +304,9 @@ def test_select_reads_a_run_with_recorded_scores(runs, tmp_path):
     ran = read_parquet(str(out / "00000.parquet")).to_pylist()
     assert [(r["key"], r["status"], r["kept_texts"]) for r in selected] == \
         [(r["key"], r["status"], r["kept_texts"]) for r in ran]
+
+
+def test_blip_clip_yaml_is_blip_base_with_clip_l14_recorded():
+    base, clip = load_config("configs/blip_base.yaml"), load_config("configs/blip_clip.yaml")
+    assert clip.scores == [ScoreConfig(name="clip", model="openai/clip-vit-large-patch14")]
+    assert {**clip.to_dict(), "scores": []} == base.to_dict()
