@@ -97,4 +97,9 @@ def test_each_row_is_capfilt_evaluate_on_the_test_split(round_output):
     assert found["images"] == 16
     assert (run["txt_r1"], run["img_r1"], run["r_mean"]) == (
         found["retrieval"]["txt_r1"], found["retrieval"]["img_r1"], found["retrieval"]["r_mean"])
-    assert json.loads(open(f"{run['model']}/evaluate.json").read())["retrieval"] == found["retrieval"]
+    # the whole report beside the model, down to ITM's mean scores and the data it read (a 2-step
+    # model ranks near-constant scores by index alone, so recalls could match on other data)
+    beside = json.loads(open(f"{run['model']}/evaluate.json").read())
+    assert beside["data"] == found["data"] and beside["data"][0].endswith("/test/00000.tar")
+    assert {k: v for k, v in beside.items() if k != "seconds"} == json.loads(json.dumps(
+        {k: v for k, v in found.items() if k != "seconds"}))
