@@ -6,6 +6,8 @@ normalised on the device to exactly the processor's float32 output.
 
 import threading
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from capfilt import prefetch
 from capfilt.config import load_config
 from capfilt.io.images import SOURCE_SIZE, ImageError, UnsupportedProcessor, decode_rgb, model_input
+from capfilt.models.itm_filter import FilterScores
 from capfilt.prefetch import Row, pixel_batch, prefetch_batches
 from capfilt.sample import Sample
 from capfilt.step import CapFiltStep
@@ -218,16 +221,16 @@ def test_the_models_receive_exactly_the_processors_output(step, monkeypatch):
     datas = [IMAGES[kind]() for kind in IMAGES] + [encode(textured((200, 150)), "JPEG")]
     received = {}
 
-    def captioner(pixels, seed):
+    def captioner(pixels, seed, image_embeds=None):
         received["captioner"] = pixels
         return [["a caption"] for _ in range(len(pixels))]
 
-    def itm(pixels, texts):
+    def launch(pixels, texts, **options):
         received["filter"] = pixels
-        return [[0.5] * len(t) for t in texts]
+        return SimpleNamespace(result=lambda: FilterScores([[0.5] * len(t) for t in texts], None))
 
     monkeypatch.setattr(step, "captioner", captioner)
-    monkeypatch.setattr(step, "filter", itm)
+    monkeypatch.setattr(step, "filter", SimpleNamespace(launch=launch))
     samples = [Sample(key=str(i), image=d, image_ext="jpg") for i, d in enumerate(datas)]
     [batch] = prefetch_batches(iter(samples), step.prepare, len(samples), 2, 1)
     step.process_batch(batch, seed=0)
