@@ -43,7 +43,8 @@ from capfilt.io.fs import OutputDir, configure_storage, expand_input, read_json,
 from capfilt.io.layout import RUN_FILE, SELECT_FILE, SIZES_FILE, STATS_FILE, parquet_name, stats_name, tar_name
 from capfilt.io.lock import hold
 from capfilt.io.reader import read_shard
-from capfilt.io.writer import IMAGE_EMBEDDING, PARQUET_SCHEMA, ShardWriter
+from capfilt.io import writer
+from capfilt.io.writer import IMAGE_EMBEDDING, PARQUET_SCHEMA, ShardWriter, run_schema
 from capfilt.redaction import MASK, redact_text
 from capfilt.run import check_outside_input
 from capfilt.runtime.shards import ShardTask, done_markers, plan_shards, split_done
@@ -105,6 +106,16 @@ class RunFolder:
 
     def parquet(self, shard: str) -> str:
         return posixpath.join(self.url, parquet_name(shard))
+
+    @property
+    def score_names(self) -> list[str]:
+        """The names of the scores the run recorded beside the filter's (``scores:``)."""
+        return [item["name"] for item in self.config.get("scores") or []]
+
+    def schema(self) -> pa.Schema:
+        """The selection's parquet schema: the run's (its recorded scores' columns included),
+        then ``select_reason``."""
+        return run_schema(self.score_names).append(pa.field(REASON, pa.string()))
 
     def recorded(self, column: str) -> bool:
         """Whether the run's config says it recorded ``column`` (an older run's lacks the setting)."""
@@ -519,8 +530,8 @@ class SelectWriter(ShardWriter):
     """``ShardWriter`` whose parquet rows carry the reason each sample left (``select_reason``,
     after the run's columns: a reader of the run's columns reads a selection's as they are)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, schema=SELECT_SCHEMA, **kwargs)
+    def __init__(self, *args, schema: pa.Schema = SELECT_SCHEMA, **kwargs):
+        super().__init__(*args, schema=schema, **kwargs)
 
     def write(self, sample: Sample, reason: str | None = None) -> None:
         super().write(sample)
@@ -541,16 +552,31 @@ def restore(sample: Sample, row: dict[str, Any]) -> Sample:
     sample.web_itc = row.get("web_itc")
     sample.caption_itc = list(row.get("caption_itc") or [])
     sample.embedding = row.get(IMAGE_EMBEDDING)
+    sample.scores = {name: {"web": row.get(web), "captions": row.get(captions)}  # as the run wrote them
+                     for name, (web, captions) in _recorded_scores(row).items()}
     if row["status"] == ERROR:
         sample.fail(row["error"])
     return sample
 
 
-def run_rows(url: str) -> list[dict[str, Any]]:
-    """The rows of a run's parquet that select reads, the columns the run lacks left out; each
-    image embedding a float16 numpy vector (a view of the column), or None."""
+def _recorded_scores(row: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The recorded scores' columns of a row read by ``run_rows``, by score name."""
+    return {column[len(SCORE_PREFIX):-len("_web")]: (column, column[:-len("_web")] + "_captions")
+            for column in row if column.startswith(SCORE_PREFIX) and column.endswith("_web")}
+
+
+# run_rows reads a recorded score's columns under this prefix, apart from the run's own columns.
+SCORE_PREFIX = "score:"
+
+
+def run_rows(url: str, score_names: list[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a run's parquet that select reads, the columns the run lacks left out, the
+    recorded scores' under ``SCORE_PREFIX``; each image embedding a float16 numpy vector (a view
+    of the column), or None."""
     present = read_parquet_schema(url).names
-    table = read_parquet(url, columns=ROW_COLUMNS + [name for name in CARRIED_COLUMNS if name in present])
+    scored = [column for name in score_names for column in writer.score_columns(name)]
+    table = read_parquet(url, columns=ROW_COLUMNS + [name for name in CARRIED_COLUMNS if name in present] + scored)
+    table = table.rename_columns([SCORE_PREFIX + n if n in scored else n for n in table.column_names])
     if IMAGE_EMBEDDING not in table.column_names:
         return table.to_pylist()
     column = table.column(IMAGE_EMBEDDING).combine_chunks()
@@ -583,12 +609,12 @@ def _paired(rows: list[dict[str, Any]], samples: Iterable[Sample], url: str) -> 
 def select_shard(task: ShardTask, run: RunFolder, redecide: Redecision, reader: ReaderConfig,
                  out: OutputDir, fp: str, on_sample: Callable[[], None] = lambda: None) -> SelectStats:
     """One output shard: the run's rows and the input tar's samples, decided again, written."""
-    rows = run_rows(run.parquet(task.name))
+    rows = run_rows(run.parquet(task.name), run.score_names)
     stats = SelectStats(shard=task.name, input=redact_text(task.url), fingerprint=fp)
     stats.start({"worker_pid": os.getpid()})
     policy = redecide.policy
     with contextlib.closing(read_shard(task.url, reader)) as samples, \
-            SelectWriter(out, task.name, policy.threshold, policy.layout, stats) as writer:
+            SelectWriter(out, task.name, policy.threshold, policy.layout, stats, schema=run.schema()) as writer:
         for index, (row, sample) in enumerate(_paired(rows, samples, task.url)):
             reason = redecide(restore(sample, row), Place(task.name, index), stats.texts_removed)
             writer.write(sample, reason)

@@ -314,6 +314,10 @@ def test_select_reads_a_run_with_recorded_scores(runs, tmp_path):
     ran = read_parquet(str(out / "00000.parquet")).to_pylist()
     assert [(r["key"], r["status"], r["kept_texts"]) for r in selected] == \
         [(r["key"], r["status"], r["kept_texts"]) for r in ran]
+    # The recorded scores are carried into the selection, for a later select or report.
+    scored = ["clip_web", "clip_captions", "sig_web", "sig_captions"]
+    assert [[r[c] for c in scored] for r in selected] == [[r[c] for c in scored] for r in ran]
+    assert any(r["clip_web"] is not None for r in selected)
 
 
 def test_blip_clip_yaml_is_blip_base_with_clip_l14_recorded():
