@@ -183,6 +183,25 @@ def build_sets(root: str, max_clean: int) -> dict[str, dict]:
             for name in SETS}
 
 
+def truth(root: str, sets: dict[str, dict]) -> dict[str, float]:
+    """Each set's share of pairs whose text is true of its image (``world.is_true_of``: every
+    colour-shape pair it names is in the scene; positions are not checked): what the world's
+    ground truth says of the data, which no model here is told."""
+    from capfilt.io.reader import read_shard
+    from capfilt.training.data import iter_pairs
+
+    scenes = {}
+    for url in sorted(glob.glob(f"{root}/web/*.tar") + glob.glob(f"{root}/clean/train/*.tar")):
+        for s in read_shard(url):
+            shapes = tuple(world.Shape(*shape) for shape in s.meta["demo_shapes"])
+            scenes[hashlib.sha256(s.image).hexdigest()] = world.Scene(shapes)
+    found = {}
+    for name, info in sets.items():
+        true = [world.is_true_of(p.text, scenes[hashlib.sha256(p.image).hexdigest()]) for p in iter_pairs(info["shards"])]
+        found[name] = sum(true) / len(true)
+    return found
+
+
 def image_hashes(urls: list[str]) -> set[str]:
     from capfilt.io.reader import read_shard
 
@@ -324,11 +343,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
     parser.add_argument("--batch", type=int, default=64, help="training batch (the demo's 64)")
     parser.add_argument("--threshold", type=float, help="the filter's threshold (default: calibrated as the demo's)")
-    parser.add_argument("--captioner-steps", type=int, default=500, help="the demo's: 1400")
-    parser.add_argument("--filter-steps", type=int, default=1000, help="the demo's: 1800")
+    parser.add_argument("--captioner-steps", type=int, default=1400)
+    parser.add_argument("--filter-steps", type=int, default=1800)
     parser.add_argument("--seed", type=int, default=0, help="the world's seed")
-    parser.add_argument("--captions", type=int, default=1,
-                        help="synthetic captions per web image (BLIP's 1; the demo samples 5)")
+    parser.add_argument("--captions", type=int, default=5,
+                        help="synthetic captions per web image (the demo's 5; BLIP sampled 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads: on a shared 2-core machine 2 threads cost 6x the CPU per step")
     parser.add_argument("--no-progress", action="store_true")
@@ -348,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if small:  # training drops the last partial batch: such a set would never take a step
         raise ValueError(f"training sets {small} hold fewer pairs than one batch of {args.batch}")
     test_images = check_disjoint(root, sets)
+    for name, share in truth(root, sets).items():
+        sets[name]["true_share"] = share
     runs: list[dict] = []
     for seed in seeds:
         for name in SETS:
