@@ -241,6 +241,9 @@ class TrainConfig:
 
     train: Union[str, list[str], None] = None  # webdataset shards of clean image-text pairs
     val: Union[str, list[str], None] = None
+    # filter: evaluation shards that `capfilt evaluate` scores at each epoch's end (TR/IR@1 and
+    # the mean recall as BLIP reports them) in place of the in-batch R@1 on `val`.
+    eval: Union[str, list[str], None] = None
     output: Union[str, None] = None  # save_pretrained folder; checkpoints in OUTPUT/checkpoints
     # A hub id or local checkpoint to start from; null trains from scratch with `scratch`.
     # A filter may start from a captioner checkpoint: its vision encoder is reused.

@@ -103,3 +103,24 @@ def test_each_row_is_capfilt_evaluate_on_the_test_split(round_output):
     assert beside["data"] == found["data"] and beside["data"][0].endswith("/test/00000.tar")
     assert {k: v for k, v in beside.items() if k != "seconds"} == json.loads(json.dumps(
         {k: v for k, v in found.items() if k != "seconds"}))
+
+
+def test_finetune_filter_scores_each_epoch_with_capfilt_evaluate_when_given_eval(tmp_path):
+    """``finetune.filter.eval``: each epoch's metrics are capfilt evaluate's on those shards, in
+    place of the in-batch R@1 on ``val``; the last epoch's are the saved model's."""
+    from capfilt.config import load_config
+    from capfilt.evaluate import evaluate
+    from pipelines import demo, finetune
+    from pipelines import round as round_pipeline
+
+    root = str(tmp_path)
+    round_pipeline.make_world(root, train=48, val=8, web=4, test=12, seed=0)
+    config = load_config(round_pipeline.CONFIG, demo.train_overrides("filter", root, 6, [
+        f"finetune.filter.eval={root}/test", "finetune.filter.batch_size=16", "finetune.filter.threads=1"]))
+    model = finetune.run(config, "filter", progress=False)
+    history = json.loads(open(f"{model}/training.json").read())["history"]
+    assert [h["step"] for h in history] == [3, 6]  # two epochs of 3 steps
+    assert all(set(h) == {"epoch", "step", "val_txt_r1", "val_img_r1", "val_r_mean"} for h in history)
+    found = evaluate(sorted(glob.glob(f"{root}/test/*.tar")), load_config(None, [f"filter.model={model}"]))
+    assert (history[-1]["val_txt_r1"], history[-1]["val_img_r1"], history[-1]["val_r_mean"]) == (
+        found["retrieval"]["txt_r1"], found["retrieval"]["img_r1"], found["retrieval"]["r_mean"])

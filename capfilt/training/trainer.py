@@ -240,6 +240,8 @@ class Trainer:
         self.save_checkpoint()
 
     def evaluate(self) -> dict[str, float]:
+        if self.cfg.eval and self.task.name == "filter":
+            return self.retrieval()
         if not self.val_urls:
             return {}
         self.task.model.eval()
@@ -250,19 +252,41 @@ class Trainer:
         finally:
             self.task.model.train()
 
-    def save(self) -> str:
-        """The fine-tuned checkpoint, as ``capfilt run`` loads it."""
+    def retrieval(self) -> dict[str, float]:
+        """``capfilt evaluate`` on ``cfg.eval`` of the model as it is now, saved as ``save`` saves
+        it to a temporary folder and loaded back as ``capfilt evaluate`` loads a checkpoint."""
+        import tempfile
+
+        from capfilt.config import load_config
+        from capfilt.evaluate import evaluate
+
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                self.save_model(folder)
+                config = load_config(None, [f"filter.model={folder}", f"runtime.device={self.device}",
+                                            "runtime.dtype=float32"])
+                found = evaluate(expand_input(self.cfg.eval), config)["retrieval"]
+        finally:
+            self.task.model.train()
+        return {"val_txt_r1": found["txt_r1"], "val_img_r1": found["img_r1"], "val_r_mean": found["r_mean"]}
+
+    def save_model(self, local: str) -> None:
+        """The model, its tokenizer and image processor, in a local folder."""
         from capfilt.models.tiny import save_checkpoint
 
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
         self.task.model.eval()
-        out = OutputDir(str(self.cfg.output))
         size = self.cfg.image_size
+        save_checkpoint(self.task.model, self.tokenizer, size, local)
+        BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(self.mean),
+                              image_std=list(self.std)).save_pretrained(local)
+
+    def save(self) -> str:
+        """The fine-tuned checkpoint, as ``capfilt run`` loads it."""
+        out = OutputDir(str(self.cfg.output))
         with out.write_folder() as local:
-            save_checkpoint(self.task.model, self.tokenizer, size, local)
-            BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(self.mean),
-                                  image_std=list(self.std)).save_pretrained(local)
+            self.save_model(local)
         record = {"config": _asdict(self.cfg), "history": self.state["history"]}
         out.write_bytes("training.json", json.dumps(record, indent=2).encode())  # last: the model is complete
         return out.url
