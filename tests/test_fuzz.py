@@ -26,6 +26,7 @@ from PIL import Image
 from capfilt.config import load_config
 from capfilt.io.fs import OutputDir
 from capfilt.io.reader import ShardReadError, read_shard, split_key
+from capfilt.models.itm_filter import FilterScores
 from capfilt.runtime.shards import ShardTask
 from capfilt.step import CapFiltStep
 
@@ -49,12 +50,22 @@ class StubStep(CapFiltStep):
     def __init__(self, config):
         import torch
 
-        self.config, self.device, self.dtype = config, "cpu", torch.float32
+        self.config, self.device, self.dtype, self.runtime = config, "cpu", torch.float32, config.runtime
         self.fingerprint = ""  # recorded in each shard's done marker
         self.processors = {"captioner": StubProcessor()}
         self.reader_options = config.reader
-        self.captioner = lambda pixels, seed: [["a caption", "another"] for _ in range(len(pixels))]
-        self.filter = lambda pixels, texts: [[(len(t) % 10) / 10 for t in image_texts] for image_texts in texts]
+        self.scorers = {}
+        self.captioner = lambda pixels, seed, image_embeds=None: [["a caption", "another"] for _ in range(len(pixels))]
+        self.filter = StubFilter()
+
+    def stage(self, batch):
+        return None  # each batch judged from its pixels
+
+
+class StubFilter:
+    def launch(self, pixels, texts, **options):
+        scores = FilterScores([[(len(t) % 10) / 10 for t in image_texts] for image_texts in texts], None)
+        return SimpleNamespace(result=lambda: scores)
 
 
 def members(rng: random.Random, shard: int) -> list[tuple[str, bytes]]:
