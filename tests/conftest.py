@@ -125,3 +125,18 @@ def make_web_shards(folder, shards: int = 2, per_shard: int = 6):
             })
         paths.append(write_shard(folder / f"{s:05d}.tar", samples))
     return paths
+
+
+class Recorder:
+    """A model of the step (its filter, a scorer), recording the pixels and texts each batch
+    gave it; the rest is the real model's."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def launch(self, pixel_values, texts, **options):
+        self.calls.append((pixel_values.clone(), texts))
+        return self.real.launch(pixel_values, texts, **options)
+
+    def __getattr__(self, name):  # its vision pass, its processor
+        return getattr(self.real, name)

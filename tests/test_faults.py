@@ -45,7 +45,8 @@ def tmp_tar_present(out):
 KILL_POINTS = {
     # run.json is written before any shard starts
     "before_first_shard": lambda out: "run.json" in names(out),
-    "between_shards": lambda out: any(n.endswith("_stats.json") for n in names(out)),
+    # after a shard is done, while the next is written (a kill between shards: the same state,
+    # less the temporaries this one also has to clean up)
     "while_writing": lambda out: any(n.endswith("_stats.json") for n in names(out))
     and tmp_tar_present(out),
 }

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import image_bytes, write_shard
+from conftest import Recorder, image_bytes, write_shard
 from test_models import pixels
 
 from capfilt.config import FilterConfig, load_config
@@ -95,20 +95,6 @@ def test_itm_scores_are_the_same_with_itc_on_or_off(sharp_filter, itc_filter):
 
 
 # --- what a run records ----------------------------------------------------------------------------
-
-class Recorder:
-    """The step's filter, recording what each batch gave it: its pixels and texts."""
-
-    def __init__(self, real):
-        self.real, self.calls = real, []
-
-    def launch(self, pixel_values, texts, **options):
-        self.calls.append((pixel_values.clone(), texts))
-        return self.real.launch(pixel_values, texts, **options)
-
-    def __getattr__(self, name):  # the rest (its vision pass) is the real filter's
-        return getattr(self.real, name)
-
 
 class Run(NamedTuple):
     table: pa.Table

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import image_bytes, write_shard
+from conftest import Recorder, image_bytes, write_shard
 from PIL import Image
 
 from capfilt.config import ConfigError, ScoreConfig, load_config
@@ -201,20 +201,6 @@ def test_the_scores_are_part_of_the_output_identity_and_absent_ones_change_nothi
 
 
 # --- what a run records ----------------------------------------------------------------------------
-
-class Recorder:
-    """A scorer of the step, recording the pixels and texts each batch gave it."""
-
-    def __init__(self, real):
-        self.real, self.calls = real, []
-
-    def launch(self, pixel_values, texts, **options):
-        self.calls.append((pixel_values.clone(), texts))
-        return self.real.launch(pixel_values, texts, **options)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
 
 SHARD = [
     {"key": "red", "jpg": image_bytes("red", seed=1), "txt": "a red square"},
