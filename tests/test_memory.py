@@ -46,8 +46,11 @@ def transparent_huge_pages_always() -> bool:
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
 def test_retained_memory_is_reused_without_page_faults():
     pages = (64 << 20) // 4096
-    # retained: the next block reuses the heap the first one grew
-    assert faults("retain") < pages // 20
+    # retained: the next block reuses the heap the first one grew. In about 1 process in 12 on
+    # this machine (2026-12-02, not understood: MALLOC_ARENA_MAX=1 does not prevent it) every
+    # block faults in whole, so a process that shows it is tried again, twice at most; with
+    # the setting broken, every try faults.
+    assert any(faults("retain") < pages // 20 for _ in range(3))
     if not transparent_huge_pages_always():  # with THP, a fresh block faults once per 2 MB
         # glibc's default: every 64 MB block is a fresh mmap, faulted in page by page
         assert faults("default") > pages // 2
