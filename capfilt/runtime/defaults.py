@@ -131,6 +131,16 @@ def weight_bytes(captioner: dict[str, Any], itm: dict[str, Any], dtype: str) -> 
     return params * size
 
 
+def sized(runtime, facts: DeviceFacts, captioner: dict[str, Any], itm: dict[str, Any], captioner_cfg,
+          filter_cfg):
+    """``resolve_runtime`` with the batch sized from the checkpoints' ``config.json`` (``captioner``,
+    ``itm``) and their sections' lengths: the one way a GPU's auto batch is worked out."""
+    dtype = resolve_runtime(runtime, facts).dtype
+    return resolve_runtime(runtime, facts, per_image_bytes(
+        captioner, itm, captioner_cfg.num_captions, captioner_cfg.max_length, filter_cfg.max_text_tokens,
+        dtype), weight_bytes(captioner, itm, dtype))
+
+
 def resolved_config(config):
     """``config`` with its runtime resolved for a run started here: on a GPU the batch is sized
     from the checkpoints' ``config.json`` (read before any worker starts)."""
@@ -142,9 +152,7 @@ def resolved_config(config):
     if runtime.batch_size == AUTO and runtime.device == "cuda" and facts.memory_bytes:
         cap = check_checkpoint("captioner.model", config.captioner.model, config.captioner.revision)
         itm = check_checkpoint("filter.model", config.filter.model, config.filter.revision)
-        runtime = resolve_runtime(rt, facts, per_image_bytes(
-            cap, itm, config.captioner.num_captions, config.captioner.max_length,
-            config.filter.max_text_tokens, runtime.dtype), weight_bytes(cap, itm, runtime.dtype))
+        runtime = sized(rt, facts, cap, itm, config.captioner, config.filter)
     return dataclasses.replace(config, runtime=runtime)
 
 
@@ -155,10 +163,7 @@ def worker_runtime(runtime, captioner: dict[str, Any] | None = None, itm: dict[s
     facts = local_facts(runtime.device)
     if captioner is None or runtime.batch_size != AUTO:
         return resolve_runtime(runtime, facts)
-    dtype = resolve_runtime(runtime, facts).dtype
-    return resolve_runtime(runtime, facts, per_image_bytes(
-        captioner, itm, captioner_cfg.num_captions, captioner_cfg.max_length, filter_cfg.max_text_tokens,
-        dtype), weight_bytes(captioner, itm, dtype))
+    return sized(runtime, facts, captioner, itm, captioner_cfg, filter_cfg)
 
 
 def apply_precision(runtime) -> None:
