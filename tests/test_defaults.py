@@ -86,3 +86,13 @@ def test_the_estimate_grows_with_the_shape_and_the_captions(shape):
     assert 40e6 < five < 150e6  # tens of MB an image: the cross-attention keys and values lead
     assert per_image_bytes(cfg, cfg, 20, 20, 35, "bfloat16") > five
     assert per_image_bytes(cfg, cfg, 5, 20, 35, "float32") == pytest.approx(2 * five, rel=0.2)
+
+
+def test_sized_takes_the_lengths_from_the_config_sections():
+    from capfilt.runtime.defaults import sized
+
+    config = load_config(LARGE, ["captioner.num_captions=40"])
+    small = DeviceFacts("cuda", 16 * GiB, bf16=True)
+    rt = sized(config.runtime, small, BASE, BASE, config.captioner, config.filter)
+    per_image = per_image_bytes(BASE, BASE, 40, 20, 35, "bfloat16")
+    assert rt.batch_size == gpu_batch(16 * GiB, weight_bytes(BASE, BASE, "bfloat16"), per_image) == 32
