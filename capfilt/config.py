@@ -65,6 +65,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 class CaptionerConfig:
     model: str = "Salesforce/blip-image-captioning-large"
     revision: str = "main"
+    # auto: the checkpoint config.json's model_type (blip, blip-2); blip / blip2 force it.
+    kind: Literal["auto", "blip", "blip2"] = "auto"
     prompt: str = "a picture of "
     num_captions: Annotated[int, Field(ge=0, le=1_000)] = 5
     top_p: UnitInterval = 0.9
@@ -90,6 +92,10 @@ class CaptionerConfig:
 class FilterConfig:
     model: str = "Salesforce/blip-itm-large-coco"
     revision: str = "main"
+    # The model that decides. auto: the checkpoint config.json's model_type; the threshold
+    # means what that kind's score means (capfilt/models/slots.py): blip, blip2: the ITM
+    # head's match probability; clip: the cosine; siglip: sigmoid(logits_per_image).
+    kind: Literal["auto", "blip", "blip2", "clip", "siglip"] = "auto"
     threshold: UnitInterval = 0.5
     # BLIP's ITM pads or truncates text to 35 tokens.
     max_text_tokens: TextTokens = 35
@@ -119,7 +125,7 @@ class ScoreConfig:
     model: str
     revision: str = "main"
     # auto: the checkpoint config.json's model_type (clip, siglip); another is refused at start.
-    kind: Literal["auto", "clip", "siglip"] = "auto"
+    kind: Literal["auto", "blip2", "clip", "siglip"] = "auto"
 
 
 @dataclass(config=STRICT)
