@@ -363,9 +363,15 @@ def versions() -> dict[str, str | None]:
 
 def load_models(config: Config) -> Models:
     from capfilt.models.itm_filter import ITMFilter
-    from capfilt.models.loading import resolve_device, torch_dtype
+    from capfilt.models.loading import check_checkpoint, resolve_device, torch_dtype
+    from capfilt.models.slots import slot_kind
     from capfilt.runtime.defaults import apply_precision, local_facts, resolve_runtime
 
+    cfg = config.filter
+    kind = slot_kind("filter", cfg.kind, check_checkpoint("filter.model", cfg.model, cfg.revision), cfg.model)
+    if kind != "blip":  # BLIP's re-ranking reads ITM against any image's states (ITMFilter's parts)
+        raise ValueError(f"filter.model: {cfg.model} is a {kind} checkpoint; capfilt evaluate follows BLIP's "
+                         "evaluation and takes blip checkpoints only")
     rt = resolve_runtime(config.runtime, local_facts(config.runtime.device))
     device = resolve_device(rt.device)
     apply_precision(rt)

@@ -153,21 +153,20 @@ def check_models(config: Config) -> dict[str, str | None]:
     """Both models, and each recorded score's, can be loaded, whole and of their slot's class (a
     checkpoint folder, or a hub id in reach), before any worker tries. Returns what pins each slot's weights
     (``loading.checkpoint_identity``)."""
-    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
-
     from capfilt.models.loading import (check_checkpoint, check_itm_first_token, check_loads_whole,
                                         checkpoint_identity, text_positions)
+    from capfilt.models.slots import model_class, slot_kind
 
-    slots = (("captioner", config.captioner, "max_length", BlipForConditionalGeneration),
-             ("filter", config.filter, "max_text_tokens", BlipForImageTextRetrieval))
     weights = {}
-    for slot, section, length_key, model_cls in slots:
+    for slot, section, length_key in (("captioner", config.captioner, "max_length"),
+                                      ("filter", config.filter, "max_text_tokens")):
         checkpoint = check_checkpoint(f"{slot}.model", section.model, section.revision)
-        check_loads_whole(f"{slot}.model", section.model, section.revision, model_cls, checkpoint)
-        if slot == "filter":  # the ITM first token the checkpoint's tokenizer can give
+        kind = slot_kind(slot, section.kind, checkpoint, section.model)
+        check_loads_whole(f"{slot}.model", section.model, section.revision, model_class(slot, kind), checkpoint)
+        if slot == "filter" and kind == "blip":  # the ITM first token the checkpoint's tokenizer can give
             check_itm_first_token(f"{slot}.model", section.model, section.revision, section.first_token, checkpoint)
         # A longer text would index past the position embeddings in every batch of every shard.
-        positions, wanted = text_positions(checkpoint), getattr(section, length_key)
+        positions, wanted = text_positions(checkpoint, slot, kind), getattr(section, length_key)
         if positions is not None and wanted > positions:
             raise ValueError(f"{slot}.{length_key}: {wanted} tokens, but {section.model}'s text model "
                              f"has {positions} positions; set it to {positions} or less")

@@ -19,10 +19,10 @@ from capfilt.io.fs import OutputDir, configure_storage
 from capfilt.io.images import SOURCE_SIZE, ImageError, UnsupportedProcessor, decode_rgb, model_input
 from capfilt.io.reader import read_shard
 from capfilt.io.writer import ShardWriter, run_schema
-from capfilt.models.captioner import Captioner, batch_seed
-from capfilt.models.itm_filter import ITMFilter
+from capfilt.models.captioner import batch_seed
 from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
 from capfilt.models.scorers import load_scorer
+from capfilt.models.slots import load_captioner, load_filter
 from capfilt.prefetch import pixel_batch, prefetch_batches
 from capfilt.runtime.defaults import apply_precision, worker_runtime
 from capfilt.runtime.shards import ShardTask
@@ -46,8 +46,8 @@ class CapFiltStep:
         self.device = resolve_device(rt.device)
         self.dtype = torch_dtype(rt.dtype, self.device)
         apply_precision(rt)
-        self.captioner = Captioner(config.captioner, self.device, rt.dtype)
-        self.filter = ITMFilter(config.filter, self.device, rt.dtype)
+        self.captioner = load_captioner(config.captioner, self.device, rt.dtype)  # of its checkpoint's kind
+        self.filter = load_filter(config.filter, self.device, rt.dtype)
         self.runtime = worker_runtime(rt, self.captioner.model.config.to_dict(),
                                       self.filter.model.config.to_dict(), config.captioner, config.filter)
         cap_proc, itm_proc = self.captioner.image_processor, self.filter.image_processor

@@ -44,8 +44,8 @@ def main(args: argparse.Namespace) -> int:
 
 def run(config: Config, labelled: str, target: str, value: float | None, output: str | None,
         score: str = "itm") -> dict[str, Any]:
-    from capfilt.models.itm_filter import ITMFilter
     from capfilt.models.loading import resolve_device
+    from capfilt.models.slots import load_filter
     from capfilt.runtime.defaults import resolved_config
 
     kind = SCORES[score]
@@ -53,7 +53,7 @@ def run(config: Config, labelled: str, target: str, value: float | None, output:
     rt = resolved_config(config).runtime  # auto: as a run here resolves it
     # ITC as a run records it: the same filter with filter.itc on.
     filter_config = dataclasses.replace(config.filter, itc=True) if score == "itc" else config.filter
-    itm = ITMFilter(filter_config, resolve_device(rt.device), rt.dtype)
+    itm = load_filter(filter_config, resolve_device(rt.device), rt.dtype)  # of the checkpoint's kind
     scores = score_pairs(itm, images, texts, batch_size=rt.batch_size, score=score)
     points = curve(scores, labels, kind.steps, kind.low, kind.high)
     best = suggest(points, target, value, centre(scores, labels) if score == "itc" else 0.5)

@@ -186,9 +186,12 @@ def _read_config(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def text_positions(config: dict[str, Any]) -> int | None:
-    """How many tokens a checkpoint's text model can take (its position embeddings)."""
-    return (config.get("text_config") or {}).get("max_position_embeddings")
+def text_positions(config: dict[str, Any], slot: str = "captioner", kind: str = "blip") -> int | None:
+    """How many tokens the text model a ``kind`` checkpoint reads texts with in ``slot`` can take
+    (its position embeddings; None when it has none, as T5's relative positions): a BLIP-2 filter
+    reads them with its Q-Former."""
+    text = config.get("qformer_config" if (slot, kind) == ("filter", "blip2") else "text_config") or {}
+    return text.get("max_position_embeddings")
 
 
 def load_blip(model_cls: Any, name: str, revision: str, device: str, dtype: str) -> Loaded:

@@ -1,0 +1,131 @@
+"""capfilt's two model slots, and which implementation fills each: the one place a kind is read.
+
+A **captioner** takes a batch's pixels and a seed and gives ``num_captions`` captions per image
+(``encode`` then ``__call__``). A **filter** takes a batch's pixels and each image's texts and gives
+one score per text, the score that decides, with a similarity and an image embedding where the
+model has them (``image_states`` then ``launch(...).result()``: ``itm_filter.FilterScores``).
+
+The kind is the checkpoint's own ``config.json`` ``model_type`` unless ``captioner.kind`` /
+``filter.kind`` forces it:
+
+========== ================================== =========================================
+kind        captioner                          filter (the score ``filter.threshold`` cuts)
+========== ================================== =========================================
+blip        ``BlipForConditionalGeneration``   ``BlipForImageTextRetrieval``: ITM probability
+blip2       ``Blip2ForConditionalGeneration``  ``Blip2ForImageTextRetrieval``: ITM probability
+clip        (none)                             ``CLIPModel``: the cosine ("CLIP score")
+siglip      (none)                             ``SiglipModel``: sigmoid(logits_per_image)
+========== ================================== =========================================
+
+A clip or siglip filter is a recorded scorer (``scorers.py``) put in the deciding seat: its
+``itm`` is the model's own score and its ``itc`` the cosine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from capfilt.models.itm_filter import FilterScores
+
+# model_type in a checkpoint's config.json -> capfilt's kind
+MODEL_TYPES = {"blip": "blip", "blip-2": "blip2", "clip": "clip", "siglip": "siglip"}
+CAPTIONER_KINDS = {"blip": "BlipForConditionalGeneration", "blip2": "Blip2ForConditionalGeneration"}
+FILTER_KINDS = {"blip": "BlipForImageTextRetrieval", "blip2": "Blip2ForImageTextRetrieval",
+                "clip": "CLIPModel", "siglip": "SiglipModel"}
+SLOTS = {"captioner": CAPTIONER_KINDS, "filter": FILTER_KINDS}
+
+
+def slot_kind(slot: str, setting: str, config: dict[str, Any], name: str) -> str:
+    """The kind of checkpoint ``name`` in ``slot``: ``setting`` unless ``auto``, else its
+    ``config.json``'s ``model_type``. Raises ValueError naming the slot and the checkpoint when
+    that kind cannot fill the slot."""
+    kinds = SLOTS[slot]
+    if setting != "auto":
+        return setting
+    model_type = config.get("model_type")
+    kind = MODEL_TYPES.get(model_type)
+    if kind not in kinds:
+        raise ValueError(f"{slot}.model: {name} is a {model_type!r} checkpoint (its config.json's model_type); "
+                         f"the {slot} takes {', '.join(kinds)} checkpoints (or set {slot}.kind)")
+    return kind
+
+
+def model_class(slot: str, kind: str):
+    """The transformers class a ``kind`` checkpoint loads as in ``slot``."""
+    import transformers
+
+    return getattr(transformers, SLOTS[slot][kind])
+
+
+def load_captioner(cfg, device: str, dtype: str, config: dict[str, Any] | None = None):
+    """The captioner of ``cfg`` (``CaptionerConfig``), of its checkpoint's kind."""
+    kind = slot_kind("captioner", cfg.kind, config if config is not None else _config(cfg), cfg.model)
+    if kind == "blip2":
+        from capfilt.models.blip2 import Blip2Captioner
+
+        return Blip2Captioner(cfg, device, dtype)
+    from capfilt.models.captioner import Captioner
+
+    return Captioner(cfg, device, dtype)
+
+
+def load_filter(cfg, device: str, dtype: str, config: dict[str, Any] | None = None):
+    """The deciding filter of ``cfg`` (``FilterConfig``), of its checkpoint's kind."""
+    kind = slot_kind("filter", cfg.kind, config if config is not None else _config(cfg), cfg.model)
+    if kind == "blip2":
+        from capfilt.models.blip2 import Blip2Filter
+
+        return Blip2Filter(cfg, device, dtype)
+    if kind in ("clip", "siglip"):
+        return ScorerFilter(cfg, kind, device, dtype)
+    from capfilt.models.itm_filter import ITMFilter
+
+    return ITMFilter(cfg, device, dtype)
+
+
+def _config(cfg) -> dict[str, Any]:
+    from capfilt.models.loading import check_checkpoint
+
+    return check_checkpoint(f"{_slot_of(cfg)}.model", cfg.model, cfg.revision)
+
+
+def _slot_of(cfg) -> str:
+    return "captioner" if hasattr(cfg, "num_captions") else "filter"
+
+
+class ScorerFilter:
+    """A CLIP or SigLIP scorer deciding: ``itm`` is the model's score (what ``filter.threshold``
+    cuts), ``itc`` the cosine (when ``filter.itc``), the embedding its image feature."""
+
+    def __init__(self, cfg, kind: str, device: str, dtype: str):
+        from capfilt.config import ScoreConfig
+        from capfilt.models.loading import Loaded
+        from capfilt.models.scorers import SCORERS
+
+        self.cfg, self.device, self.kind = cfg, device, kind
+        self.scorer = SCORERS[kind](ScoreConfig(name="filter", model=cfg.model, revision=cfg.revision, kind=kind),
+                                    device, dtype)
+        self.model, self.tokenizer = self.scorer.model, self.scorer.tokenizer
+        self.image_processor = self.scorer.image_processor
+        self.loaded = Loaded(self.model, self.tokenizer, self.image_processor, self.scorer.revision)
+
+    def image_states(self, pixel_values):
+        """Nothing is staged ahead: the scorer's vision pass is part of ``launch``."""
+        return None
+
+    def launch(self, pixel_values, texts: list[list[str]], embeddings: bool = False, states=None):
+        return _AsFilterScores(self.scorer.launch(pixel_values, texts, embeddings), self.cfg.itc)
+
+    def __call__(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> FilterScores:
+        return self.launch(pixel_values, texts, embeddings).result()
+
+
+@dataclass
+class _AsFilterScores:
+    pending: Any  # scorers.PendingTextScores
+    itc: bool
+
+    def result(self) -> FilterScores:
+        scores = self.pending.result()
+        return FilterScores(scores.scores, scores.similarity if self.itc else None, scores.embeddings)

@@ -1,0 +1,114 @@
+"""The model slots (issue 18): the kind read from the checkpoint or forced, refused before Ray starts
+when the slot cannot hold it, and a CLIP or SigLIP model in the filter's seat deciding with its own
+score (the threshold means what that score means)."""
+
+import pytest
+import torch
+from conftest import write_shard
+from test_scorers import SHARD, build_checkpoint, reference_scores
+
+from transformers import CLIPModel, SiglipModel
+
+from capfilt.config import ScoreConfig, load_config
+from capfilt.io.fs import read_parquet
+from capfilt.io.images import decode_rgb
+from capfilt.models.scorers import load_scorer
+from capfilt.models.slots import ScorerFilter, load_captioner, load_filter, slot_kind
+from capfilt.run import check_models
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slots")
+    return {kind: build_checkpoint(kind, root / kind) for kind in ("clip", "siglip")}
+
+
+def config(tiny_models, *overrides, **paths):
+    return load_config("configs/tiny.yaml", [f"captioner.model={tiny_models[0]}", f"filter.model={tiny_models[1]}",
+                                             "captioner.num_captions=2", "runtime.batch_size=5", *overrides], **paths)
+
+
+def test_the_kind_is_the_checkpoints_model_type_unless_forced(tiny_models, checkpoints):
+    cfg = config(tiny_models, f"filter.model={checkpoints['siglip']}")
+    assert type(load_captioner(cfg.captioner, "cpu", "float32")).__name__ == "Captioner"
+    chosen = load_filter(cfg.filter, "cpu", "float32")
+    assert isinstance(chosen, ScorerFilter) and chosen.kind == "siglip"
+    assert type(load_filter(config(tiny_models).filter, "cpu", "float32")).__name__ == "ITMFilter"
+    assert slot_kind("filter", "clip", {"model_type": "blip"}, "x") == "clip"  # forced: the load check judges it
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["captioner.model={clip}"], r"captioner.model: \S+clip is a 'clip' checkpoint .*the captioner takes blip, blip2"),
+    (["captioner.kind=blip2"], r"captioner.model: \S+ is a BlipForConditionalGeneration checkpoint, not the "
+                               r"Blip2ForConditionalGeneration this slot needs"),
+    (["filter.kind=clip"], r"filter.model: \S+ is a BlipForImageTextRetrieval checkpoint, not the CLIPModel"),
+    (["filter.model={clip}", "filter.max_text_tokens=30"], r"filter.max_text_tokens: 30 tokens, but \S+clip's text "
+                                                           r"model has 24 positions"),
+])
+def test_a_checkpoint_its_slot_cannot_hold_is_refused_before_ray_starts(tiny_models, checkpoints, overrides,
+                                                                        message):
+    cfg = config(tiny_models, *[o.format(**checkpoints) for o in overrides])
+    with pytest.raises(ValueError, match=message):
+        check_models(cfg)
+
+
+def test_a_clip_or_siglip_checkpoint_passes_the_filter_check(tiny_models, checkpoints):
+    weights = check_models(config(tiny_models, f"filter.model={checkpoints['clip']}", "filter.max_text_tokens=24"))
+    assert weights["filter"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_clip_or_siglip_filter_decides_with_its_own_score(tiny_models, checkpoints, tmp_path, kind):
+    from test_select import make_run
+
+    scorer = load_scorer(ScoreConfig(name="f", model=checkpoints[kind]), "cpu", "float32")
+    model = {"clip": CLIPModel, "siglip": SiglipModel}[kind].from_pretrained(checkpoints[kind]).eval()
+    judged = [s for s in SHARD if s.get("jpg", b"").startswith(b"\xff") or "png" in s]
+
+    def pixels(sample):
+        image = decode_rgb(sample.get("jpg") or sample["png"], 10**8)
+        return torch.from_numpy(scorer.image_processor(images=image, return_tensors="np")["pixel_values"])
+
+    # The threshold between the web texts' own scores: the cut must fall on this model's scale.
+    web = sorted(reference_scores(kind, model, scorer.tokenizer, pixels(s), s["txt"])[0][0].item()
+                 for s in judged if "txt" in s)
+    threshold = (web[0] + web[-1]) / 2
+    (tmp_path / "in").mkdir()
+    url = write_shard(tmp_path / "in" / "00000.tar", SHARD)
+    cfg = config(tiny_models, f"filter.model={checkpoints[kind]}", "filter.max_text_tokens=24",
+                 f"filter.threshold={threshold}", input=url, output=str(tmp_path / "out"))
+    make_run(cfg, {"captioner": "tiny", "filter": "tiny"})
+    rows = {r["key"]: r for r in read_parquet(str(tmp_path / "out" / "00000.parquet")).to_pylist()}
+    scorer = load_scorer(ScoreConfig(name="f", model=checkpoints[kind]), "cpu", "float32")
+    model = {"clip": CLIPModel, "siglip": SiglipModel}[kind].from_pretrained(checkpoints[kind]).eval()
+    kept = dropped = 0
+    for sample in SHARD:
+        row = rows[sample["key"]]
+        if row["status"] == "error":
+            continue
+        pv = pixels(sample)
+        texts = ([row["web_text"]] if row["web_text"] else []) + row["captions"]
+        scores = ([row["web_score"]] if row["web_text"] else []) + row["caption_scores"]
+        itcs = ([row["web_itc"]] if row["web_text"] else []) + row["caption_itc"]
+        for text, score, itc in zip(texts, scores, itcs):
+            want, cosine = reference_scores(kind, model, scorer.tokenizer, pv, text)
+            assert score == pytest.approx(want[0].item(), abs=TOLERANCE), (kind, text)  # the model's own score
+            assert itc == pytest.approx(cosine[0].item(), abs=TOLERANCE), (kind, text)  # and the cosine
+            if score >= threshold:
+                assert text in row["kept_texts"]
+                kept += 1
+            else:
+                assert text not in row["kept_texts"]
+                dropped += 1
+    assert kept and dropped  # the threshold cut between this model's scores
+    if kind == "siglip":
+        assert all(0.0 < r["web_score"] < 1.0 for r in rows.values() if r["web_score"] is not None)
+
+
+def test_evaluate_refuses_a_filter_that_is_not_blip(tiny_models, checkpoints):
+    from capfilt.evaluate import load_models
+
+    with pytest.raises(ValueError, match=r"filter.model: \S+clip is a clip checkpoint; capfilt evaluate"):
+        load_models(config(tiny_models, f"filter.model={checkpoints['clip']}"))
