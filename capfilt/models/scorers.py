@@ -17,6 +17,9 @@ The score means what the model's own score means:
   ``sigmoid(logits_per_image)``: the model's probability that the pair matches, 0.5 its own
   boundary. The texts are padded to ``max_length``, as transformers' SigLIP docs require ("that's
   how the model was trained"): its text tower pools the last position.
+- ``blip2`` (``Blip2ForImageTextRetrieval``): the ITM head's match probability,
+  ``softmax(itm logits)[1]``, 0.5 its own boundary; the similarity is its ITC cosine (the best of its
+  query tokens). The computation is ``Blip2Filter``'s (blip2.py), with the filter's defaults.
 
 The kind is the checkpoint's ``model_type`` (``scorer_kind``) unless ``kind`` forces it.
 """
@@ -37,16 +40,27 @@ log = logging.getLogger(__name__)
 KINDS = {
     "clip": ("CLIPModel", "transformers.models.clip.image_processing_pil_clip", "CLIPImageProcessorPil"),
     "siglip": ("SiglipModel", "transformers.models.siglip.image_processing_pil_siglip", "SiglipImageProcessorPil"),
+    "blip2": ("Blip2ForImageTextRetrieval", "transformers.models.blip.image_processing_pil_blip", "BlipImageProcessorPil"),
 }
+# A BLIP-2 checkpoint (model_type blip-2) scores only as the retrieval model; its captioning
+# checkpoints have no ITM head.
+BLIP2_RETRIEVAL = "Blip2ForImageTextRetrieval"
 
 
 def scorer_kind(setting: str, config: dict[str, Any], key: str, name: str) -> str:
     """The kind of scorer a checkpoint is: ``setting`` unless ``auto``, else its config.json's
-    ``model_type``. Raises ValueError naming ``key`` and the checkpoint when that is no kind known."""
+    ``model_type`` (``blip-2`` is ``blip2`` when its architecture is Blip2ForImageTextRetrieval).
+    Raises ValueError naming ``key`` and the checkpoint when that is no kind known."""
     if setting != "auto":
         return setting
     model_type = config.get("model_type")
-    if model_type not in KINDS:
+    if model_type == "blip-2":
+        architectures = config.get("architectures") or []
+        if BLIP2_RETRIEVAL in architectures:
+            return "blip2"
+        raise ValueError(f"{key}: {name} is a {' / '.join(architectures) or 'blip-2'} checkpoint; a blip2 "
+                         f"scorer needs a {BLIP2_RETRIEVAL} one (e.g. Salesforce/blip2-itm-vit-g)")
+    if model_type not in KINDS or model_type == "blip2":
         raise ValueError(f"{key}: {name} is a {model_type!r} checkpoint (its config.json's model_type); "
                          f"capfilt scores with {', '.join(KINDS)} checkpoints")
     return model_type
@@ -165,7 +179,38 @@ class SiglipScorer(Scorer):
         return torch.sigmoid(cosine * scale + bias)
 
 
-SCORERS = {cls.kind: cls for cls in (ClipScorer, SiglipScorer)}
+class Blip2Scorer(Scorer):
+    """BLIP-2's ITM probability, with its ITC cosine as the similarity: ``Blip2Filter``'s numbers."""
+
+    kind = "blip2"
+
+    def __init__(self, cfg: ScoreConfig, device: str, dtype: str):
+        from capfilt.config import FilterConfig
+        from capfilt.models.blip2 import Blip2Filter
+
+        self.cfg, self.device = cfg, device
+        self.filter = Blip2Filter(FilterConfig(model=cfg.model, revision=cfg.revision, kind="blip2", itc=True),
+                                  device, dtype)
+        self.model, self.tokenizer = self.filter.model, self.filter.tokenizer
+        self.image_processor, self.revision = self.filter.image_processor, self.filter.loaded.revision
+        self.max_tokens = self.filter.cfg.max_text_tokens
+
+    def launch(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> "_FromFilter":
+        return _FromFilter(self.filter.launch(pixel_values, texts, embeddings))
+
+
+@dataclass
+class _FromFilter:
+    """``Blip2Filter``'s pending scores as a scorer's: ``scores`` the ITM, ``similarity`` the ITC."""
+
+    pending: Any  # itm_filter.PendingScores
+
+    def result(self) -> TextScores:
+        got = self.pending.result()
+        return TextScores(got.itm, got.itc, got.embeddings)
+
+
+SCORERS = {cls.kind: cls for cls in (ClipScorer, SiglipScorer, Blip2Scorer)}
 
 
 def load_scorer(cfg: ScoreConfig, device: str, dtype: str) -> Scorer:
