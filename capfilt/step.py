@@ -24,7 +24,7 @@ from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
 from capfilt.models.scorers import load_scorer
 from capfilt.models.slots import load_captioner, load_filter
 from capfilt.prefetch import pixel_batch, prefetch_batches
-from capfilt.runtime.defaults import apply_precision, worker_runtime
+from capfilt.runtime.defaults import apply_precision, held, worker_runtime
 from capfilt.runtime.shards import ShardTask
 from capfilt.redaction import redact_text
 from capfilt.sample import Sample
@@ -48,8 +48,6 @@ class CapFiltStep:
         apply_precision(rt)
         self.captioner = load_captioner(config.captioner, self.device, rt.dtype)  # of its checkpoint's kind
         self.filter = load_filter(config.filter, self.device, rt.dtype)
-        self.runtime = worker_runtime(rt, self.captioner.model.config.to_dict(),
-                                      self.filter.model.config.to_dict(), config.captioner, config.filter)
         cap_proc, itm_proc = self.captioner.image_processor, self.filter.image_processor
         # One preprocessing when both checkpoints preprocess alike (the usual case).
         self.processors = {"captioner": cap_proc}
@@ -65,6 +63,11 @@ class CapFiltStep:
             self.processors.setdefault(key, scorer.image_processor)
             self.score_inputs[name] = key
         self.reader_options = config.reader
+        held_models = [held("captioner", config.captioner.kind, self.captioner.model.config.to_dict(),
+                            config.captioner.model),
+                       held("filter", config.filter.kind, self.filter.model.config.to_dict(), config.filter.model)]
+        held_models += [held("score", s.cfg.kind, s.model.config.to_dict(), s.cfg.model) for s in self.scorers.values()]
+        self.runtime = worker_runtime(rt, held_models, config.captioner, config.filter)
 
     def revisions(self) -> dict[str, Any]:
         return {

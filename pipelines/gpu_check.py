@@ -315,13 +315,14 @@ def auto_runtime(step, args) -> dict[str, Any]:
     shows whether the estimate holds."""
     import dataclasses
 
-    from capfilt.runtime.defaults import local_facts, per_image_bytes, resolve_runtime, sized
+    from capfilt.runtime.defaults import Held, local_facts, per_image_bytes, resolve_runtime, sized
 
-    cap, itm = step.captioner.model.config.to_dict(), step.filter.model.config.to_dict()
+    models = [Held("captioner", "blip", step.captioner.model.config.to_dict()),
+              Held("filter", "blip", step.filter.model.config.to_dict())]
     facts = local_facts(args.device)
     auto = dataclasses.replace(step.config.runtime, batch_size="auto", dtype="auto")
-    rt = sized(auto, facts, cap, itm, step.config.captioner, step.config.filter)
-    estimate = per_image_bytes(cap, itm, step.config.captioner.num_captions, step.config.captioner.max_length,
+    rt = sized(auto, facts, models, step.config.captioner, step.config.filter)
+    estimate = per_image_bytes(models, step.config.captioner.num_captions, step.config.captioner.max_length,
                                step.config.filter.max_text_tokens, resolve_runtime(auto, facts).dtype)
     return {"batch_size": rt.batch_size, "dtype": rt.dtype, "tf32": rt.tf32,
             "per_image_estimate_mb": round(estimate / MB, 1), "device_memory_mb": facts.memory_bytes and

@@ -92,78 +92,149 @@ def gpu_batch(memory_bytes: int, weight_bytes: int, per_image_bytes: int) -> int
     return min(2 ** int(math.log2(fits)), MAX_AUTO_BATCH)
 
 
-def per_image_bytes(captioner: dict[str, Any], itm: dict[str, Any], num_captions: int,
-                    max_length: int, max_text_tokens: int, dtype: str) -> int:
-    """An estimate of the device memory one image of a batch takes in both models, from the
-    checkpoints' ``config.json``: the vision pass's layer in flight and its output, the
-    cross-attention keys and values projected once per image (shared_kv), the captions'
-    key-value cache and logits, and the filter's text pass over every text with its
-    cross-attention scores. ``make gpu-check`` records the peak memory it measures beside it."""
-    size = DTYPE_BYTES[dtype if dtype in DTYPE_BYTES else "float32"]
-    texts = num_captions + 1  # the captions and the web text
-    total = 0
-    for cfg, slot in ((captioner, "captioner"), (itm, "filter")):
-        vision, text = cfg.get("vision_config", {}), cfg.get("text_config", {})
-        tokens = (vision.get("image_size", 384) // vision.get("patch_size", 16)) ** 2 + 1
-        v_hidden = vision.get("hidden_size", 768)
-        t_hidden, t_layers = text.get("hidden_size", 768), text.get("num_hidden_layers", 12)
-        heads = text.get("num_attention_heads", 12)
-        total += tokens * v_hidden * (LAYER_WIDTH + 1) * size  # a vision layer in flight, the output
-        total += 2 * t_layers * tokens * t_hidden * size  # cross-attention keys and values
-        if slot == "captioner":
-            total += num_captions * (2 * t_layers * max_length * t_hidden * size  # the kv cache
-                                     + 3 * text.get("vocab_size", 30524) * 4)  # float32 logits
-        else:
-            total += texts * max_text_tokens * (t_hidden * LAYER_WIDTH + heads * tokens) * size
-    return total
+@dataclass(frozen=True)
+class Held:
+    """One model a worker holds, as the memory estimate sees it: its slot (captioner, filter,
+    score), its kind (``slots.py``: blip, blip2, clip, siglip) and its ``config.json``."""
+
+    slot: str
+    kind: str
+    config: dict[str, Any]
 
 
-def weight_bytes(captioner: dict[str, Any], itm: dict[str, Any], dtype: str) -> int:
-    """Both models' weights on the device: 12 hidden² per transformer layer (16 for a text layer,
-    with its cross-attention), and the embeddings."""
+def held(slot: str, setting: str, config: dict[str, Any], name: str) -> Held:
+    """``Held`` of a checkpoint's ``config.json``, its kind as its slot reads it."""
+    from capfilt.models.slots import slot_kind
+
+    return Held(slot, slot_kind("filter" if slot == "score" else slot, setting, config, name), config)
+
+
+def _tower(part: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """(hidden, layers, feed-forward width, heads, vocabulary) of one tower's config, under the
+    names BERT, ViT, OPT and T5 configs give them."""
+    hidden = part.get("hidden_size") or part.get("d_model") or 768
+    layers = part.get("num_hidden_layers") or part.get("num_layers") or 12
+    ffn = part.get("intermediate_size") or part.get("ffn_dim") or part.get("d_ff") or 4 * hidden
+    heads = part.get("num_attention_heads") or part.get("num_heads") or 12
+    return hidden, layers, ffn, heads, part.get("vocab_size") or 0
+
+
+def _vision_tokens(vision: dict[str, Any]) -> int:
+    return (vision.get("image_size", 384) // vision.get("patch_size", 16)) ** 2 + 1
+
+
+def _towers(model: Held) -> list[tuple[dict[str, Any], int]]:
+    """Each tower the model runs, with the layers of it that cross-attend: BLIP's text model in every
+    layer, the Q-Former every ``cross_attention_frequency``-th, a T5 decoder in each of its own. A
+    BLIP-2 retrieval checkpoint's config carries a ``text_config`` it has no model for."""
+    cfg = model.config
+    vision, text, qformer = cfg.get("vision_config", {}), cfg.get("text_config", {}), cfg.get("qformer_config")
+    if model.kind == "blip":
+        return [(vision, 0), (text, _tower(text)[1])]
+    if model.kind == "blip2":
+        q_layers = _tower(qformer or {})[1]
+        towers = [(vision, 0), (qformer or {}, -(-q_layers // (qformer or {}).get("cross_attention_frequency", 2)))]
+        if model.slot == "captioner":
+            decoder_layers = text.get("num_decoder_layers") or 0  # T5: an encoder and a decoder
+            towers.append((text, 0))  # OPT: no cross-attention; T5: its encoder
+            if decoder_layers:
+                towers.append(({**text, "num_layers": decoder_layers, "vocab_size": 0}, decoder_layers))
+        return towers
+    return [(vision, 0), (text, 0)]  # clip, siglip: two towers side by side
+
+
+def weight_bytes(models: list[Held], dtype: str) -> int:
+    """The models' weights on the device: per layer 4 hidden² of attention, 4 more where it
+    cross-attends, and 2 hidden x feed-forward (3 gated); and the embeddings (and an untied head).
+    Within 2% of the parameters of BLIP, BLIP-2 (OPT, Flan-T5, ITM) and CLIP checkpoints, 5% of SigLIP's
+    (tests/test_defaults.py)."""
     size = DTYPE_BYTES[dtype if dtype in DTYPE_BYTES else "float32"]
     params = 0
-    for cfg in (captioner, itm):
-        for part in (cfg.get("vision_config", {}), cfg.get("text_config", {})):
-            hidden, layers = part.get("hidden_size", 768), part.get("num_hidden_layers", 12)
-            params += layers * hidden * hidden * (16 if part is cfg.get("text_config") else 12)
-            params += part.get("vocab_size", 0) * hidden
+    for model in models:
+        for part, cross in _towers(model):
+            hidden, layers, ffn, _, vocab = _tower(part)
+            gated = str(part.get("feed_forward_proj", "")).startswith("gated")  # T5 v1.1: two inputs
+            params += layers * (4 * hidden * hidden + (3 if gated else 2) * hidden * ffn) + cross * 4 * hidden * hidden
+            params += vocab * hidden * (1 if part.get("tie_word_embeddings", True) else 2)  # an untied head
     return params * size
 
 
-def sized(runtime, facts: DeviceFacts, captioner: dict[str, Any], itm: dict[str, Any], captioner_cfg,
-          filter_cfg):
-    """``resolve_runtime`` with the batch sized from the checkpoints' ``config.json`` (``captioner``,
-    ``itm``) and their sections' lengths: the one way a GPU's auto batch is worked out."""
+def per_image_bytes(models: list[Held], num_captions: int, max_length: int, max_text_tokens: int,
+                    dtype: str) -> int:
+    """An estimate of the device memory one image of a batch takes in the models a worker holds,
+    from their ``config.json``: each vision pass's layer in flight and its output; a captioner's
+    cross-attention keys and values once per image (shared_kv), its captions' key-value cache
+    (BLIP-2's over the query tokens too) and float32 logits; a filter's or scorer's text pass over
+    every text (a BLIP-2 filter's with the queries, against the image's states repeated per text).
+    ``make gpu-check`` records the peak memory it measures beside it."""
+    size = DTYPE_BYTES[dtype if dtype in DTYPE_BYTES else "float32"]
+    texts = num_captions + 1  # the captions and the web text
+    total = 0
+    for model in models:
+        vision = model.config.get("vision_config", {})
+        tokens = _vision_tokens(vision)
+        v_hidden = _tower(vision)[0]
+        total += tokens * v_hidden * (LAYER_WIDTH + 1) * size  # a vision layer in flight, the output
+        text = model.config.get("text_config", {})
+        t_hidden, t_layers, _, heads, vocab = _tower(text)
+        queries = model.config.get("num_query_tokens", 32)
+        if model.kind == "blip":
+            total += 2 * t_layers * tokens * t_hidden * size  # cross-attention keys and values, once
+        if model.slot == "captioner":
+            prefix = queries if model.kind == "blip2" else 0
+            total += num_captions * (2 * t_layers * (prefix + max_length) * t_hidden * size  # the kv cache
+                                     + 3 * (vocab or 30524) * 4)  # float32 logits
+        elif model.kind == "blip":
+            total += texts * max_text_tokens * (t_hidden * LAYER_WIDTH + heads * tokens) * size
+        elif model.kind == "blip2":
+            q_hidden, _, _, q_heads, _ = _tower(model.config.get("qformer_config") or {})
+            total += texts * ((queries + max_text_tokens) * q_hidden * LAYER_WIDTH  # the Q-Former's pass
+                              + q_heads * queries * tokens + tokens * v_hidden) * size  # cross-attention
+        else:  # clip, siglip: the text tower alone
+            positions = text.get("max_position_embeddings") or max_text_tokens
+            total += texts * min(positions, max_text_tokens if model.slot == "filter" else positions) \
+                * t_hidden * LAYER_WIDTH * size
+    return total
+
+
+def sized(runtime, facts: DeviceFacts, models: list[Held], captioner_cfg, filter_cfg):
+    """``resolve_runtime`` with the batch sized from the held models' ``config.json`` and the
+    sections' lengths: the one way a GPU's auto batch is worked out."""
     dtype = resolve_runtime(runtime, facts).dtype
     return resolve_runtime(runtime, facts, per_image_bytes(
-        captioner, itm, captioner_cfg.num_captions, captioner_cfg.max_length, filter_cfg.max_text_tokens,
-        dtype), weight_bytes(captioner, itm, dtype))
+        models, captioner_cfg.num_captions, captioner_cfg.max_length, filter_cfg.max_text_tokens, dtype),
+        weight_bytes(models, dtype))
+
+
+def config_models(config) -> list[Held]:
+    """The models a run's workers will hold, from each checkpoint's ``config.json`` (read before
+    any worker starts): the captioner, the filter and each recorded score's."""
+    from capfilt.models.loading import check_checkpoint
+
+    sections = [("captioner", "captioner.model", config.captioner), ("filter", "filter.model", config.filter)]
+    sections += [("score", f"scores[{i}].model", s) for i, s in enumerate(config.scores)]
+    return [held(slot, section.kind, check_checkpoint(key, section.model, section.revision), section.model)
+            for slot, key, section in sections]
 
 
 def resolved_config(config):
     """``config`` with its runtime resolved for a run started here: on a GPU the batch is sized
     from the checkpoints' ``config.json`` (read before any worker starts)."""
-    from capfilt.models.loading import check_checkpoint
-
     rt = config.runtime
     facts = run_facts(rt)
     runtime = resolve_runtime(rt, facts)
     if runtime.batch_size == AUTO and runtime.device == "cuda" and facts.memory_bytes:
-        cap = check_checkpoint("captioner.model", config.captioner.model, config.captioner.revision)
-        itm = check_checkpoint("filter.model", config.filter.model, config.filter.revision)
-        runtime = sized(rt, facts, cap, itm, config.captioner, config.filter)
+        runtime = sized(rt, facts, config_models(config), config.captioner, config.filter)
     return dataclasses.replace(config, runtime=runtime)
 
 
-def worker_runtime(runtime, captioner: dict[str, Any] | None = None, itm: dict[str, Any] | None = None,
-                   captioner_cfg=None, filter_cfg=None):
+def worker_runtime(runtime, models: list[Held] | None = None, captioner_cfg=None, filter_cfg=None):
     """On a worker, what is still ``auto`` (a cluster's), resolved on the worker's own device;
-    the batch size once the models' configs are at hand."""
+    the batch size once the held models' configs are at hand."""
     facts = local_facts(runtime.device)
-    if captioner is None or runtime.batch_size != AUTO:
+    if models is None or runtime.batch_size != AUTO:
         return resolve_runtime(runtime, facts)
-    return sized(runtime, facts, captioner, itm, captioner_cfg, filter_cfg)
+    return sized(runtime, facts, models, captioner_cfg, filter_cfg)
 
 
 def apply_precision(runtime) -> None:
