@@ -31,7 +31,10 @@ distribution (tests/test_models.py checks the probabilities against transformers
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where sampling runs: capfilt's commands that read only start without it
+    import torch
 
 # Candidates beyond top_k taken at once, so that ties with the k-th score are kept
 # without a second pass; more ties than this fall back to a full sort.
@@ -53,6 +56,8 @@ class NucleusSampler:
 
     def candidates(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, token ids) of each row's candidates, best first; zero outside the nucleus."""
+        import torch
+
         vocab = scores.shape[-1]
         if self.temperature != 1.0:
             scores = scores / self.temperature
@@ -78,6 +83,8 @@ class NucleusSampler:
         return values.softmax(dim=-1), ids
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         probs, ids = self.candidates(scores)
         choice = torch.multinomial(probs, 1, generator=self.generator)
         token = ids.gather(1, choice)
