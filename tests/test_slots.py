@@ -112,3 +112,57 @@ def test_evaluate_refuses_a_filter_that_is_not_blip(tiny_models, checkpoints):
 
     with pytest.raises(ValueError, match=r"filter.model: \S+clip is a clip checkpoint; capfilt evaluate"):
         load_models(config(tiny_models, f"filter.model={checkpoints['clip']}"))
+
+
+@pytest.fixture(scope="module")
+def blip2_models(tmp_path_factory):
+    from capfilt.models.tiny import build_tiny_blip2_models
+
+    opt, _, itm = build_tiny_blip2_models(str(tmp_path_factory.mktemp("blip2")))
+    return opt, itm
+
+
+def test_a_blip2_filter_is_checked_against_its_q_formers_positions(tiny_models, blip2_models):
+    opt, itm = blip2_models
+    ok = config(tiny_models, f"captioner.model={opt}", f"filter.model={itm}", "filter.max_text_tokens=64")
+    assert set(check_models(ok)) == {"captioner", "filter"}
+    # The retrieval checkpoint's config also carries a text_config (2048 positions) it has no model for.
+    with pytest.raises(ValueError, match=r"filter.max_text_tokens: 65 tokens, but \S+blip2_itm's text model has 64"):
+        check_models(config(tiny_models, f"filter.model={itm}", "filter.max_text_tokens=65"))
+
+
+def test_a_blip2_run_captions_and_decides_with_blip2(tiny_models, blip2_models, tmp_path):
+    from test_select import make_run
+
+    from capfilt.models.blip2 import Blip2Filter
+    from capfilt.config import FilterConfig
+
+    opt, itm = blip2_models
+    (tmp_path / "in").mkdir()
+    url = write_shard(tmp_path / "in" / "00000.tar", SHARD)
+    cfg = config(tiny_models, f"captioner.model={opt}", f"filter.model={itm}", "captioner.prompt=a photo of",
+                 "captioner.max_length=8", "captioner.min_length=2", "writer.embeddings=true",
+                 input=url, output=str(tmp_path / "out"))
+    make_run(cfg, {"captioner": "tiny", "filter": "tiny"})
+    rows = {r["key"]: r for r in read_parquet(str(tmp_path / "out" / "00000.parquet")).to_pylist()}
+    judge = Blip2Filter(FilterConfig(model=itm), "cpu", "float32")
+    judged = [s for s in SHARD if rows[s["key"]]["status"] != "error"]
+    assert len(judged) == 4 and rows["bad"]["status"] == "error"
+    scores = []
+    for sample in judged:
+        row = rows[sample["key"]]
+        assert len(row["captions"]) == 2 and all(row["captions"]), row  # BLIP-2's captions, prompt stripped
+        assert not any(c.startswith("a photo of") for c in row["captions"])
+        image = decode_rgb(sample.get("jpg") or sample["png"], 10**8)
+        pv = torch.from_numpy(judge.image_processor(images=image, return_tensors="np")["pixel_values"])
+        texts = ([row["web_text"]] if row["web_text"] else []) + row["captions"]
+        want = judge(pv, [texts], embeddings=True)
+        got = ([row["web_score"]] if row["web_text"] else []) + row["caption_scores"]
+        assert got == pytest.approx(want.itm[0], abs=TOLERANCE)  # BLIP-2's ITM decided
+        itc = ([row["web_itc"]] if row["web_text"] else []) + row["caption_itc"]
+        assert itc == pytest.approx(want.itc[0], abs=TOLERANCE)
+        assert row["image_embedding"] == pytest.approx(want.embeddings[0].tolist(), abs=1e-3)  # float16
+        kept = [t for t, s in zip(texts, got) if s >= cfg.filter.threshold]
+        assert sorted(row["kept_texts"]) == sorted(kept)
+        scores += got
+    assert min(scores) < cfg.filter.threshold <= max(scores)  # the cut fell between its scores
