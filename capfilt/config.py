@@ -172,8 +172,14 @@ class SelectConfig:
     # ties broken by key. null: no such cut.
     top_fraction: Union[Share, None] = None
     top_of: Literal["images", "texts"] = "images"
-    # The score it ranks by, an image's being its best text's: ITM, or ITC (filter.itc runs).
-    top_score: Literal["itm", "itc"] = "itm"
+    # The score it ranks by, an image's being its best text's: itm (the filter's ITM), itc (its
+    # ITC similarity: filter.itc runs), or the name of a score the run recorded (scores:), e.g.
+    # clip; itm and itc are always the filter's.
+    top_score: Union[Literal["itm", "itc"], ScoreName] = "itm"
+    # {recorded score name: threshold}: a text is kept only if each named score the run
+    # recorded of it (NAME_web, NAME_captions) is >= its threshold; a text with none, never.
+    score_thresholds: dict[ScoreName, Annotated[Float, Field(allow_inf_nan=False)]] = \
+        field(default_factory=dict)
     max_captions: Union[NonNegativeInt, None] = None  # the k best synthetic captions per image
     # pairs layout: the expected share of synthetic texts among the pairs, drawn with `seed`.
     synthetic_share: Union[UnitInterval, None] = None

@@ -2,7 +2,8 @@
 
 A run's parquet holds the ITM score (and ITC similarity) of every text, kept or not, and each
 image's embedding, so any decision made from them can be made again without the models: another
-threshold or selection, a threshold on the ITC similarities too, the top share of the whole run
+threshold or selection, a threshold on the ITC similarities too, or on the scores of the models
+the run recorded (``scores:``, such as CLIP's), the top share of the whole run by any of these
 (a global quantile, as DataComp's top 30%), the k best captions per image, near-duplicate images
 removed, a web/synthetic mix of pairs, another layout. Each output shard is made from the run's
 parquet (the scores) and the run's input tar (the image and metadata bytes: the run's own tar lacks the images
@@ -55,11 +56,14 @@ log = logging.getLogger(__name__)
 
 # Raised when select makes other output from the same run and policy (part of its fingerprint).
 # 2: the ITC policies and dedup; the ITC similarities and embeddings carried into the parquet.
+# Not raised by the policies on recorded scores (score_thresholds, top_score: NAME): a policy
+# without them has the identity and the output it had, and one with them is new.
 SELECT_REVISION = 2
 
 # Why a sample left: the run's error, or the first policy that took its last text.
-ERROR_REASON, BELOW_THRESHOLD, BELOW_ITC_THRESHOLD, NOT_TOP_FRACTION, MAX_CAPTIONS, DUPLICATE, MIX = (
-    "error", "below_threshold", "below_itc_threshold", "not_top_fraction", "max_captions", "duplicate_of", "mix")
+ERROR_REASON, BELOW_THRESHOLD, BELOW_ITC_THRESHOLD, BELOW_SCORE_THRESHOLD, NOT_TOP_FRACTION, MAX_CAPTIONS, \
+    DUPLICATE, MIX = ("error", "below_threshold", "below_itc_threshold", "below_score_threshold",
+                      "not_top_fraction", "max_captions", "duplicate_of", "mix")
 KEPT_REASON = "kept"  # in the counts of reasons, the samples that did not leave
 # The parquet column of that reason (null for a kept sample), after the run's own columns; a
 # near-duplicate's names the image kept for it, "duplicate_of KEY", counted as "duplicate_of".
@@ -77,6 +81,8 @@ SCORE_COLUMNS = {"images": ["status", "web_score", "caption_scores"],
                  "texts": ["status", "web_text", "web_score", "captions", "caption_scores"]}
 # The run's setting that records each column the ITC policies read.
 RECORDED_BY = {"web_itc": "filter.itc", "caption_itc": "filter.itc", IMAGE_EMBEDDING: "writer.embeddings"}
+# The filter's scores, by top_score's names for them; any other top_score names a recorded score.
+FILTER_SCORES = ("itm", "itc")
 
 Progress = Callable[[int, int], None]  # (samples done, samples to do)
 
@@ -155,20 +161,40 @@ class Policy:
     itc_threshold: float | None = None
     dedup: bool = False
     dedup_threshold: float = 0.95
+    score_thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The policy as its fingerprint and select.json record it: score_thresholds only when
+        there are some, so that a policy without them keeps the fingerprint it had."""
+        values = asdict(self)
+        if not values["score_thresholds"]:
+            del values["score_thresholds"]
+        return values
+
+    @property
+    def ranks(self) -> bool:
+        """Whether anything ranks by ``top_score``: the top fraction, and dedup's order."""
+        return bool(self.top_fraction or self.dedup)
 
     def needs(self) -> dict[str, str]:
         """The run's columns this policy reads beyond the ITM scores, each with the setting that needs it."""
         needs = {}
         if self.itc_threshold is not None:
             needs.update(dict.fromkeys(ITC_COLUMNS, "select.itc_threshold"))
-        if self.top_score == "itc" and (self.top_fraction or self.dedup):  # what both rank by
+        if self.top_score == "itc" and self.ranks:
             needs.update(dict.fromkeys(ITC_COLUMNS, "select.top_score: itc"))
         if self.dedup:
             needs[IMAGE_EMBEDDING] = "select.dedup"
+        for name, setting in self.scores_read().items():
+            needs.update(dict.fromkeys(writer.score_columns(name), setting))
         return needs
+
+    def scores_read(self) -> dict[str, str]:
+        """The recorded scores (``scores:``) this policy reads, each with the setting that reads it."""
+        read = {name: f"select.score_thresholds.{name}" for name in sorted(self.score_thresholds)}
+        if self.top_score not in FILTER_SCORES and self.ranks:
+            read.setdefault(self.top_score, f"select.top_score: {self.top_score}")
+        return read
 
 
 def resolve_policy(section: SelectConfig, run_config: dict[str, Any]) -> Policy:
@@ -179,6 +205,7 @@ def resolve_policy(section: SelectConfig, run_config: dict[str, Any]) -> Policy:
                                         "layout": ("writer", "layout")}.items():
         if values[key] is None:
             values[key] = run_config[run_section][run_key]
+    values["score_thresholds"] = dict(values["score_thresholds"] or {})
     policy = Policy(**values)
     if policy.synthetic_share is not None and policy.layout != "pairs":
         raise SelectError(f"select.synthetic_share: a mix of pairs needs select.layout: pairs "
@@ -187,12 +214,23 @@ def resolve_policy(section: SelectConfig, run_config: dict[str, Any]) -> Policy:
 
 
 def check_recorded(run: RunFolder, policy: Policy, shard: str) -> None:
-    """Refuse a policy that reads a column the run did not record: off in its config, or missing
-    from its parquet (``shard``'s: a run older than the column)."""
+    """Refuse a policy that reads a column the run did not record: off in its config (a score not
+    among its ``scores:``), or missing from its parquet (``shard``'s: a run older than the column)."""
     if not policy.needs():
         return
     columns = read_parquet_schema(run.parquet(shard)).names
+    for name, setting in policy.scores_read().items():
+        if name not in run.score_names:
+            raise SelectError(f"{redact_text(run.url)}: {setting} needs the run's recorded score {name!r}, which the "
+                              f"run did not record (its scores: {', '.join(run.score_names) or 'none'}): run "
+                              f"again with scores: [{{name: {name}, model: ...}}]")
+        missing = [column for column in writer.score_columns(name) if column not in columns]
+        if missing:
+            raise SelectError(f"{redact_text(run.parquet(shard))}: {setting} needs the run's {missing[0]} column, "
+                              "which its parquet lacks")
     for column, setting in policy.needs().items():
+        if column not in RECORDED_BY:  # a recorded score's, checked above
+            continue
         if not run.recorded(column) or column not in columns:
             raise SelectError(f"{redact_text(run.url)}: {setting} needs the run's {column} column, which the run "
                               f"did not record ({RECORDED_BY[column]} off, or a capfilt older than it): "
@@ -209,37 +247,65 @@ def candidates(sample: Sample) -> list[tuple[str, str, float]]:
     return decide(probe, -math.inf, "best_score").kept_texts
 
 
-def itc_of(sample: Sample, text: tuple[str, str, float]) -> float:
-    """The ITC similarity of one of ``decide``'s kept texts: the web text's, or that of the first
-    caption of that text and ITM score (the one ``decide`` kept)."""
+def _value_of(sample: Sample, text: tuple[str, str, float], web: float | None, captions: list) -> float | None:
+    """The value, in ``web`` or ``captions`` (aligned with the captions), of one of ``decide``'s
+    kept texts: the web text's, or that of the first caption of that text and ITM score (the one
+    ``decide`` kept)."""
     words, origin, score = text
     if origin == WEB:
-        itc = sample.web_itc
-    else:
-        itc = next((itc for caption, itm, itc in zip(sample.captions, sample.caption_scores, sample.caption_itc)
-                    if caption == words and itm == score), None)
+        return web
+    return next((value for caption, itm, value in zip(sample.captions, sample.caption_scores, captions)
+                 if caption == words and itm == score), None)
+
+
+def itc_of(sample: Sample, text: tuple[str, str, float]) -> float:
+    """The ITC similarity of one of ``decide``'s kept texts (``_value_of``); none is an error."""
+    itc = _value_of(sample, text, sample.web_itc, sample.caption_itc)
     if itc is None:
-        raise SelectError(f"key {sample.key!r}: its {origin} text {words[:60]!r} has no ITC similarity in the "
+        raise SelectError(f"key {sample.key!r}: its {text[1]} text {text[0][:60]!r} has no ITC similarity in the "
                           "run's parquet")
     return itc
+
+
+def recorded_of(sample: Sample, text: tuple[str, str, float], name: str) -> float | None:
+    """The recorded score ``name`` (``scores:``) of one of ``decide``'s kept texts (``_value_of``);
+    None when the run recorded none for it."""
+    values = sample.scores.get(name) or {}
+    return _value_of(sample, text, values.get("web"), values.get("captions") or [])
 
 
 def ranked(sample: Sample, top_of: str, top_score: str = "itm") -> list[tuple[int, str | None, float]]:
     """(position, text, score) of what ``top_fraction`` ranks in an image: the image itself,
     scored by its best text (position 0, no text: its scores are enough), or each of its
-    candidate texts; by ITM score, or by ITC similarity (``top_score: itc``)."""
+    candidate texts; by ITM score, by ITC similarity (``top_score: itc``) or by a recorded
+    score (``top_score: NAME``), a text without a recorded score being left unranked."""
     if top_of == "images":
-        scores = [sample.web_itc, *sample.caption_itc] if top_score == "itc" else \
-            [sample.web_score, *sample.caption_scores]
+        if top_score in FILTER_SCORES:
+            scores = [sample.web_itc, *sample.caption_itc] if top_score == "itc" else \
+                [sample.web_score, *sample.caption_scores]
+        else:
+            values = sample.scores.get(top_score) or {}
+            scores = [values.get("web"), *(values.get("captions") or [])]
         scores = [score for score in scores if score is not None]
         return [(0, None, max(scores))] if scores else []
-    return [(position, text[0], itc_of(sample, text) if top_score == "itc" else text[2])
-            for position, text in enumerate(candidates(sample))]
+    if top_score in FILTER_SCORES:
+        return [(position, text[0], itc_of(sample, text) if top_score == "itc" else text[2])
+                for position, text in enumerate(candidates(sample))]
+    items = [(position, text[0], recorded_of(sample, text, top_score))
+             for position, text in enumerate(candidates(sample))]
+    return [item for item in items if item[2] is not None]
+
+
+def rank_columns(top_score: str) -> list[str]:
+    """The run's columns of ``top_score`` beyond the ITM scores."""
+    if top_score in FILTER_SCORES:
+        return ITC_COLUMNS if top_score == "itc" else []
+    return list(writer.score_columns(top_score))
 
 
 def score_columns(top_of: str, top_score: str) -> list[str]:
     """The run's columns ``ranked`` reads."""
-    return SCORE_COLUMNS[top_of] + (ITC_COLUMNS if top_score == "itc" else [])
+    return SCORE_COLUMNS[top_of] + rank_columns(top_score)
 
 
 class Place(NamedTuple):
@@ -249,12 +315,15 @@ class Place(NamedTuple):
     row: int
 
 
-def _probe(row: dict[str, Any]) -> Sample:
-    """A sample made of a run's parquet row: its texts and scores, no image."""
+def _probe(row: dict[str, Any], score_names: list[str] = ()) -> Sample:
+    """A sample made of a run's parquet row: its texts and scores, no image; the recorded
+    scores of ``score_names`` (``Sample.scores``) those the row holds."""
+    scores = {name: {"web": row[f"{name}_web"], "captions": row.get(f"{name}_captions")}
+              for name in score_names if f"{name}_web" in row}
     return Sample(key=row.get("key") or "", web_text=row.get("web_text"), web_score=row["web_score"],
                   captions=list(row.get("captions") or []), caption_scores=list(row["caption_scores"] or []),
                   web_itc=row.get("web_itc"), caption_itc=list(row.get("caption_itc") or []),
-                  status=row["status"])
+                  scores=scores, status=row["status"])
 
 
 def _scored_rows(run: RunFolder, names: list[str], columns: list[str]) -> Iterator[tuple[Place, Sample]]:
@@ -262,7 +331,7 @@ def _scored_rows(run: RunFolder, names: list[str], columns: list[str]) -> Iterat
     for name in names:
         for index, row in enumerate(read_parquet(run.parquet(name), columns=list(dict.fromkeys(columns))).to_pylist()):
             if row["status"] != ERROR:
-                yield Place(name, index), _probe(row)
+                yield Place(name, index), _probe(row, run.score_names)
 
 
 @dataclass(frozen=True)
@@ -369,8 +438,8 @@ Texts = list[tuple[str, str, float]]
 
 class Redecision:
     """The policy applied to one sample the run judged: ``decide`` at the threshold, then each
-    policy narrows the kept texts, in this order: the ITC threshold, the top fraction, the k
-    best captions, the near-duplicates (found among the images the policies before keep), the
+    policy narrows the kept texts, in this order: the ITC threshold, the recorded scores'
+    thresholds, the top fraction, the k best captions, the near-duplicates (found among the images the policies before keep), the
     mix. Returns why the sample left (None: kept); counts the texts each policy took in
     ``removed``. Built without the later policies, it is what those are found over."""
 
@@ -380,6 +449,8 @@ class Redecision:
         self.stages: list[tuple[str, Callable[[Texts, Sample, Place], Texts]]] = []
         if policy.itc_threshold is not None:
             self.stages.append((BELOW_ITC_THRESHOLD, self._itc))
+        if policy.score_thresholds:
+            self.stages.append((BELOW_SCORE_THRESHOLD, self._recorded))
         if cutoff is not None:
             self.stages.append((NOT_TOP_FRACTION, self._top))
         if policy.max_captions is not None:
@@ -392,8 +463,12 @@ class Redecision:
     def columns(self) -> list[str]:
         """The run's columns it reads: the texts and their scores."""
         policy = self.policy
-        itc = policy.itc_threshold is not None or (self.cutoff is not None and policy.top_score == "itc")
-        return ["key", *SCORE_COLUMNS["texts"], *(ITC_COLUMNS if itc else [])]
+        columns = ["key", *SCORE_COLUMNS["texts"], *(ITC_COLUMNS if policy.itc_threshold is not None else [])]
+        for name in sorted(policy.score_thresholds):
+            columns += writer.score_columns(name)
+        if self.cutoff is not None:
+            columns += rank_columns(policy.top_score)
+        return list(dict.fromkeys(columns))
 
     def __call__(self, sample: Sample, place: Place, removed: dict[str, int]) -> str | None:
         if sample.status == ERROR:
@@ -428,13 +503,23 @@ class Redecision:
     def _itc(self, kept: Texts, sample: Sample, place: Place) -> Texts:
         return [text for text in kept if itc_of(sample, text) >= self.policy.itc_threshold]
 
+    def _recorded(self, kept: Texts, sample: Sample, place: Place) -> Texts:
+        def passes(text, name: str, threshold: float) -> bool:
+            value = recorded_of(sample, text, name)
+            return value is not None and value >= threshold
+
+        return [text for text in kept if all(passes(text, name, threshold)
+                                             for name, threshold in self.policy.score_thresholds.items())]
+
     def _top(self, kept: Texts, sample: Sample, place: Place) -> Texts:
         items = ranked(sample, self.policy.top_of, self.policy.top_score)
         if self.policy.top_of == "images":
+            if not items:  # no text scored by a recorded score: not ranked
+                return []
             position, _, score = items[0]
             return kept if self.cutoff.admits(score, (sample.key, place.shard, position)) else []
         rank = {text: (score, (sample.key, place.shard, position)) for position, text, score in items}
-        return [text for text in kept if self.cutoff.admits(*rank[text[0]])]
+        return [text for text in kept if text[0] in rank and self.cutoff.admits(*rank[text[0]])]
 
     def _max_captions(self, kept: Texts, sample: Sample, place: Place) -> Texts:
         synthetic = [text for text in kept if text[1] == SYNTHETIC]
@@ -471,7 +556,7 @@ class Duplicates:
         """Those of ``policy.policy``, among the images ``policy`` (without dedup) keeps."""
         places, scores, keys = [], [], []
         top_score = policy.policy.top_score
-        columns = [*policy.columns(), *(ITC_COLUMNS if top_score == "itc" else [])]
+        columns = [*policy.columns(), *rank_columns(top_score)]
         for place, sample in _scored_rows(run, names, columns):
             if policy(sample, place, {}) is None:
                 score = ranked(sample, "images", top_score)

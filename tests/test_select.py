@@ -306,3 +306,134 @@ def test_an_input_tar_that_changed_since_the_run_is_an_error(tmp_path):
     with pytest.raises(SelectError, match=r"00001.tar: sample 0 is key 'k9' where the run read key 'k2'"):
         select(str(run), selecting(tmp_path / "new"))
     assert not (tmp_path / "new" / "00001_stats.json").exists()
+
+
+# --- policies on recorded scores (scores:): a run made by hand with CLIP and SigLIP scores ------
+
+RECORDED = ["clip", "sig"]
+# {shard: [(key, (web ITM, web clip, web sig), [(caption ITM, clip, sig)], embedding)]}. Best ITM:
+# a 0.9, c 0.85, b 0.7, d 0.7; best clip: c 0.5, d 0.45, a 0.4, b 0.25. d's web text has no clip
+# score. a and c are one image twice (the same embedding).
+CLIPPED = {
+    "00000": [("a", (0.9, 0.10, 0.9), [(0.8, 0.35, 0.2), (0.3, 0.40, 0.9)], (1, 0, 0)),
+              ("b", (0.6, 0.20, 0.9), [(0.7, 0.25, 0.9)], (0, 1, 0))],
+    "00001": [("c", (0.85, 0.50, 0.6), [], (1, 0, 0)),
+              ("d", (0.55, None, 0.9), [(0.7, 0.45, 0.7)], (0, 0, 1))],
+}
+
+
+def recorded_run(root, shards: dict = CLIPPED):
+    """A finished run of ``shards`` that recorded the scores RECORDED (``scores:``, NAME_web and
+    NAME_captions), with ITC and embeddings, as capfilt run leaves it, over input tars of real
+    images. test_reshard and test_report read it too."""
+    import numpy as np
+
+    from capfilt.io.writer import run_schema
+
+    (root / "in").mkdir(parents=True)
+    run = OutputDir(str(root / "run"))
+    for shard, samples in shards.items():
+        url = write_shard(root / "in" / f"{shard}.tar", [
+            {"key": key, "jpg": image_bytes(["red", "blue"][n % 2], seed=n), "txt": f"web {key}"}
+            for n, (key, *_) in enumerate(samples)])
+        with ShardWriter(run, shard, 0.5, "per_image", ShardStats(shard=shard, fingerprint="runfp"),
+                         schema=run_schema(RECORDED)) as writer:
+            for sample, (key, (web, *web_recorded), captions, vector) in zip(read_shard(url), samples):
+                sample.width, sample.height, sample.web_score, sample.web_itc = 48, 40, web, web - 0.5
+                sample.captions = [f"cap{i} {key}" for i in range(len(captions))]
+                sample.caption_scores = [itm for itm, *_ in captions]
+                sample.caption_itc = [itm - 0.5 for itm, *_ in captions]
+                sample.scores = {name: {"web": web_recorded[i], "captions": [c[1 + i] for c in captions]}
+                                 for i, name in enumerate(RECORDED)}
+                sample.embedding = np.asarray(vector, dtype=np.float16)
+                writer.write(decide(sample, 0.5, "best_score"))
+    config = Config(input=str(root / "in")).to_dict()
+    config["scores"] = [{"name": name, "model": f"tiny-{name}", "revision": "main", "kind": "auto"}
+                        for name in RECORDED]
+    run.write_bytes(RUN_FILE, json.dumps({"config": config, "fingerprint": "runfp"}).encode())
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    return recorded_run(tmp_path_factory.mktemp("recorded"))
+
+
+def kept_texts(folder) -> dict:
+    return {r["key"]: (r[REASON], r["kept_texts"]) for r in rows(folder)}
+
+
+def test_score_thresholds_keep_a_text_only_when_each_named_recorded_score_passes(scored, tmp_path):
+    outcome = select(str(scored), selecting(tmp_path / "clip", "select.threshold=0.5",
+                                            "select.score_thresholds={clip: 0.3}"))
+    # Of the texts over the ITM threshold: a's web (clip 0.1) out, cap0 (0.35) in; b's both out;
+    # d's web, with no clip score, out.
+    assert kept_texts(tmp_path / "clip") == {"a": (None, ["cap0 a"]), "b": ("below_score_threshold", []),
+                                             "c": (None, ["web c"]), "d": (None, ["cap0 d"])}
+    assert outcome.stats["texts_removed"] == {"below_score_threshold": 4}
+    assert outcome.stats["reasons"] == {"below_score_threshold": 1, "kept": 3}
+    assert outcome.record["policy"]["score_thresholds"] == {"clip": 0.3}
+    # Each named score: sig 0.5 also takes a's cap0 (sig 0.2).
+    both = select(str(scored), selecting(tmp_path / "both", "select.threshold=0.5",
+                                         "select.score_thresholds={clip: 0.3, sig: 0.5}"))
+    assert kept_texts(tmp_path / "both") == {"a": ("below_score_threshold", []), "b": ("below_score_threshold", []),
+                                             "c": (None, ["web c"]), "d": (None, ["cap0 d"])}
+    assert both.stats["texts_removed"] == {"below_score_threshold": 5}
+    # The recorded scores are carried as the run wrote them.
+    ran = {r["key"]: r for r in rows(scored)}
+    for row in rows(tmp_path / "both"):
+        assert [row[c] for c in ("clip_web", "clip_captions", "sig_captions")] == \
+            [ran[row["key"]][c] for c in ("clip_web", "clip_captions", "sig_captions")]
+
+
+def test_top_score_ranks_by_a_recorded_score_as_datacomp_ranks_by_clip(scored, tmp_path):
+    for name, top_score in (("itm", "itm"), ("clip", "clip")):
+        select(str(scored), selecting(tmp_path / name, "select.threshold=0", "select.top_fraction=0.5",
+                                      f"select.top_score={top_score}"))
+    kept = {name: sorted(k for k, (reason, _) in kept_texts(tmp_path / name).items() if reason is None)
+            for name in ("itm", "clip")}
+    assert kept == {"itm": ["a", "c"], "clip": ["c", "d"]}  # best clip: c 0.5, d 0.45
+    # Each text ranked: 7 with a clip score (d's web has none), floor(0.43 * 7) = 3 of them.
+    outcome = select(str(scored), selecting(tmp_path / "texts", "select.threshold=0", "select.top_fraction=0.43",
+                                            "select.top_of=texts", "select.top_score=clip"))
+    assert outcome.record["top_fraction"] == {"keep": 3, "of": 7, "score": 0.4, "last": None}
+    assert kept_texts(tmp_path / "texts") == {"a": (None, ["cap1 a"]), "b": ("not_top_fraction", []),
+                                              "c": (None, ["web c"]), "d": (None, ["cap0 d"])}
+
+
+def test_dedup_ranks_near_duplicates_by_a_recorded_top_score(scored, tmp_path):
+    # a and c are one image: by ITM a (0.9) stays, by clip c (0.5).
+    for top_score, want in (("itm", {"a": None, "c": "duplicate_of a"}), ("clip", {"a": "duplicate_of c", "c": None})):
+        select(str(scored), selecting(tmp_path / top_score, "select.dedup=true", f"select.top_score={top_score}"))
+        assert {k: reason for k, (reason, _) in kept_texts(tmp_path / top_score).items() if k in "ac"} == want
+
+
+def test_a_policy_on_a_score_the_run_did_not_record_is_refused_at_start(scored, tmp_path):
+    for setting, named in (("select.score_thresholds={siglip: 0.1}", r"select\.score_thresholds\.siglip"),
+                           ("select.top_score=siglip", "select.top_score: siglip")):
+        with pytest.raises(SelectError, match=rf"{re.escape(str(scored))}: {named} needs the run's recorded score "
+                                              r"'siglip', which the run did not record \(its scores: clip, sig\)"):
+            select(str(scored), selecting(tmp_path / "new", setting, "select.top_fraction=0.5"))
+    plain = hand_run(tmp_path / "plain", TIES)
+    with pytest.raises(SelectError, match=r"select.score_thresholds.clip needs .* \(its scores: none\): "
+                                          r"run again with scores: \[\{name: clip"):
+        select(str(plain), selecting(tmp_path / "new", "select.score_thresholds={clip: 0.1}"))
+    assert not (tmp_path / "new").exists()
+    for bad, message in (("select.score_thresholds={CLIP: 0.1}", "select.score_thresholds: 'CLIP': string should "
+                                                                 "match pattern"),
+                         ("select.score_thresholds={clip: high}", "select.score_thresholds: 'high': input should be "
+                                                                  "a valid number"),
+                         ("select.top_score=CLIP-L", "select.top_score: 'CLIP-L': input should be 'itm' or 'itc' or")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [bad])
+
+
+def test_a_policy_without_the_new_settings_keeps_its_identity(tmp_path):
+    """select.json's policy (part of the fingerprint) as before score_thresholds: an older
+    selection resumes, not refused as another policy."""
+    run = hand_run(tmp_path, TIES)
+    outcome = select(str(run), selecting(tmp_path / "new"))
+    assert sorted(outcome.record["identity"]["select"]) == [
+        "dedup", "dedup_threshold", "itc_threshold", "layout", "max_captions", "seed", "selection", "synthetic_share",
+        "threshold", "top_fraction", "top_of", "top_score"]
+    assert outcome.record["identity"]["select_revision"] == 2
