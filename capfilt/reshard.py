@@ -5,7 +5,9 @@ order then row order, are cut into contiguous runs, one per output shard. The pl
 is made from the parquet files alone and written to ``reshard_plan.json`` first; each
 output shard is then written as ``NNNNN.tar`` (the input members copied byte for
 byte, headers included), ``NNNNN.parquet`` (the source rows plus ``source_shard``)
-and, last, ``NNNNN_stats.json``. A rerun with the same inputs and target skips the
+and, last, ``NNNNN_stats.json``. A row keeps the run's columns: the fixed ones and those of
+the scores the run recorded (``scores:``, NAME_web and NAME_captions, named by its
+``run.json``; in a folder without one, a selection's, the pairs its parquet holds). A rerun with the same inputs and target skips the
 output shards already done and writes the same bytes for the others.
 """
 
@@ -30,14 +32,20 @@ from capfilt.io.fs import OutputDir, exists, expand_input, open_read, read_json
 from capfilt.io.reader import split_key, unsafe_name
 from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, RUN_FILE, STATS_SUFFIX, parquet_name,
                                shard_files, shard_of_stats, stats_name, tar_name)
-from capfilt.io.writer import ADDED_COLUMNS, PARQUET_SCHEMA, TAR_BYTES
+from capfilt.io.writer import ADDED_COLUMNS, PARQUET_SCHEMA, TAR_BYTES, run_schema, score_columns
 from capfilt.stats import TIMING
 from capfilt.sample import KEPT
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
-OUTPUT_SCHEMA = PARQUET_SCHEMA.append(pa.field("source_shard", pa.string(), nullable=False))
+SOURCE_SHARD = pa.field("source_shard", pa.string(), nullable=False)
+OUTPUT_SCHEMA = PARQUET_SCHEMA.append(SOURCE_SHARD)  # of a run that recorded no score
+
+
+def output_schema(score_names: list[str]) -> pa.Schema:
+    """An output shard's parquet: the run's columns, its recorded scores' included, then ``source_shard``."""
+    return run_schema(score_names).append(SOURCE_SHARD)
 
 Progress = Callable[[int, int], None]  # (kept samples done, kept samples in the plan)
 Range = list  # [input shard name, first kept index, end kept index (exclusive)]
@@ -83,6 +91,7 @@ class Inputs:
     folder: str  # the input folder as listed (absolute, or with its protocol)
     shards: list[InputShard]
     fingerprint: str
+    score_names: list[str]  # the recorded scores whose columns are carried
 
 
 # --- reading the input folder --------------------------------------------------------------------
@@ -115,8 +124,9 @@ def _read_stats(url: str) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if k != TIMING}
 
 
-def _kept_rows(url: str, data: bytes) -> pa.Table:
-    """The rows with status 'kept', in file order, with exactly ``PARQUET_SCHEMA``."""
+def _kept_rows(url: str, data: bytes, score_names: list[str] = ()) -> pa.Table:
+    """The rows with status 'kept', in file order, with exactly the run's schema (``run_schema``:
+    the recorded scores' columns of ``score_names`` after the fixed ones)."""
     table = pq.read_table(pa.BufferReader(data))
     for name in ADDED_COLUMNS:  # written before capfilt recorded it: null
         if name not in table.column_names:
@@ -124,8 +134,25 @@ def _kept_rows(url: str, data: bytes) -> pa.Table:
     missing = [n for n in PARQUET_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ReshardError(f"{url}: not a capfilt parquet (missing columns {missing})")
-    table = table.select(PARQUET_SCHEMA.names).cast(PARQUET_SCHEMA)
+    unrecorded = [c for name in score_names for c in score_columns(name) if c not in table.column_names]
+    if unrecorded:
+        raise ReshardError(f"{url}: no {unrecorded[0]} column, where the run recorded score "
+                           f"{unrecorded[0].rsplit('_', 1)[0]!r} (its other shards have it)")
+    schema = run_schema(score_names)
+    table = table.select(schema.names).cast(schema)
     return table.filter(pc.equal(table["status"], KEPT))
+
+
+def recorded_scores(folder: str, first_parquet: bytes) -> list[str]:
+    """The names of the scores whose columns a reshard carries: those ``run.json``'s config
+    records (``scores:``); in a folder without ``run.json`` (a selection), every NAME whose
+    NAME_web and NAME_captions the first shard's parquet holds after the fixed columns."""
+    run_file = posixpath.join(folder, RUN_FILE)
+    if exists(run_file):
+        return [item["name"] for item in (read_json(run_file).get("config") or {}).get("scores") or []]
+    names = pq.read_schema(pa.BufferReader(first_parquet)).names
+    return [column[:-len("_web")] for column in names if column.endswith("_web") and column not in PARQUET_SCHEMA.names
+            and column[:-len("_web")] + "_captions" in names]
 
 
 def scan_inputs(input_url: str, with_sizes: bool) -> Inputs:
@@ -134,17 +161,20 @@ def scan_inputs(input_url: str, with_sizes: bool) -> Inputs:
     folder = posixpath.dirname(found[0][1])
     shards, records = [], []
     owner: dict[str, str] = {}
+    score_names = None
     for name, stats_url in found:
         url = posixpath.join(folder, parquet_name(name))
         data = _read_bytes(url)
-        kept = _kept_rows(url, data)
+        if score_names is None:
+            score_names = recorded_scores(folder, data)
+        kept = _kept_rows(url, data, score_names)
         _claim_keys(owner, kept["key"].to_pylist(), name)
         sizes = _sizes(url, kept) if with_sizes else None
         shards.append(InputShard(name, kept.num_rows, sizes))
         records.append({"shard": name, "stats": _read_stats(stats_url),
                         "parquet_sha256": hashlib.sha256(data).hexdigest()})
     _check_one_config(folder, records)
-    return Inputs(folder, shards, _digest(records))
+    return Inputs(folder, shards, _digest(records), score_names)
 
 
 def _check_one_config(folder: str, records: list[dict[str, Any]]) -> None:
@@ -204,6 +234,8 @@ def make_plan(input_url: str, inputs: Inputs, target: Target) -> dict[str, Any]:
     counts = _shard_counts(inputs.shards, target)
     width = max(5, len(str(len(counts) - 1)))
     ranges = _ranges([(s.name, s.kept) for s in inputs.shards], counts)
+    # The recorded scores carried only when there are some: a plan without them is as before.
+    scores = {"scores": inputs.score_names} if inputs.score_names else {}
     return {
         "version": PLAN_VERSION,
         "input": input_url,
@@ -212,6 +244,7 @@ def make_plan(input_url: str, inputs: Inputs, target: Target) -> dict[str, Any]:
         "input_shards": [s.name for s in inputs.shards],
         "samples": sum(counts),
         "shards": [{"name": f"{i:0{width}d}", "ranges": r} for i, r in enumerate(ranges)],
+        **scores,
     }
 
 
@@ -267,7 +300,8 @@ def _adopt_plan(out: OutputDir, plan: dict[str, Any], overwrite: bool) -> None:
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """Why ``old`` cannot be resumed as ``new``; the input's URL alone may change."""
-    for key, what in (("version", "plan version"), ("target", "target"), ("fingerprint", "input shards")):
+    for key, what in (("version", "plan version"), ("target", "target"), ("fingerprint", "input shards"),
+                      ("scores", "recorded scores carried")):
         if old.get(key) != new.get(key):
             return f"{what} changed: {old.get(key)} -> {new.get(key)}"
     if old.get("shards") != new.get("shards"):
@@ -315,15 +349,15 @@ def _member_groups(url: str) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, 
 class _Sources:
     """The input shards' kept rows and tar samples, by range; one tar stays open between ranges."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, score_names: list[str] = ()):
+        self.folder, self.score_names = folder, list(score_names)
         self._table: tuple[str, pa.Table] | None = None
         self._tar: tuple[str, Iterator, int] | None = None  # name, groups, next index
 
     def rows(self, name: str, start: int, end: int) -> pa.Table:
         if self._table is None or self._table[0] != name:
             url = posixpath.join(self.folder, parquet_name(name))
-            self._table = (name, _kept_rows(url, _read_bytes(url)))
+            self._table = (name, _kept_rows(url, _read_bytes(url), self.score_names))
         rows = self._table[1].slice(start, end - start)
         if rows.num_rows != end - start:
             raise ReshardError(f"input shard {name!r} keeps fewer samples than planned: "
@@ -374,7 +408,7 @@ def _write_shard(out: OutputDir, shard: dict[str, Any], sources: _Sources,
         _write_tar(f, ranges, tables, sources, on_sample)
         size = f.tell()
     rows = pa.concat_tables([t.append_column("source_shard", pa.array([r[0]] * t.num_rows, pa.string()))
-                             for r, t in zip(ranges, tables)]).cast(OUTPUT_SCHEMA)
+                             for r, t in zip(ranges, tables)]).cast(output_schema(sources.score_names))
     with out.atomic_open(parquet_name(name)) as f:
         pq.write_table(rows, f)
     stats = {"shard": name, "samples": rows.num_rows, "bytes": size,
@@ -404,7 +438,7 @@ def reshard(input_url: str, output_url: str, *, samples_per_shard: int | None = 
     if stale:
         log.info("%s: removed %d temporary files of an interrupted run", out.url, len(stale))
     _adopt_plan(out, plan, overwrite)
-    return _execute(out, plan, _Sources(inputs.folder), progress)
+    return _execute(out, plan, _Sources(inputs.folder, inputs.score_names), progress)
 
 
 def _execute(out: OutputDir, plan: dict[str, Any], sources: _Sources,

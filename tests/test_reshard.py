@@ -449,3 +449,47 @@ def test_an_output_without_tar_bytes_reshards_by_samples_only(clean, tmp_path):
     with pytest.raises(ReshardError, match=r"00000.parquet: no tar_bytes .* --samples-per-shard"):
         reshard(str(old), str(tmp_path / "by_bytes"), bytes_per_shard=10**6)
     assert reshard(str(old), str(tmp_path / "by_samples"), samples_per_shard=4)["samples"] == len(KEPT_KEYS)
+
+
+# --- the recorded scores' columns (scores:) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """test_select's run that recorded clip and sig scores (NAME_web, NAME_captions)."""
+    from test_select import recorded_run
+
+    return recorded_run(tmp_path_factory.mktemp("recorded"))
+
+
+SCORE_COLUMNS = ["clip_web", "clip_captions", "sig_web", "sig_captions"]
+
+
+def test_the_recorded_scores_columns_are_carried_from_a_run_and_a_selection(scored, tmp_path):
+    from capfilt.select import select
+    from test_select import selecting
+
+    ran = {r["key"]: dict(r, source_shard=p.stem) for p in sorted(scored.glob("*.parquet"))
+           for r in pq.read_table(p).to_pylist()}
+    assert reshard(str(scored), str(tmp_path / "out"), samples_per_shard=3)["samples"] == 4
+    tables = [pq.read_table(tmp_path / "out" / f"{shard}.parquet") for shard in ("00000", "00001")]
+    assert all(t.schema.names == OUTPUT_SCHEMA.names[:-1] + SCORE_COLUMNS + ["source_shard"] for t in tables)
+    rows = [row for table in tables for row in table.to_pylist()]
+    assert rows == [ran[key] for key in "abcd"]  # the run's rows, their scores with them
+    assert rows[0]["clip_captions"] == [0.35, 0.40]
+    assert json.loads((tmp_path / "out" / PLAN_FILE).read_text())["scores"] == ["clip", "sig"]
+    # A selection has no run.json: the scores of its parquet are carried, select_reason is not.
+    select(str(scored), selecting(tmp_path / "selected", "select.score_thresholds={clip: 0.3}"))
+    reshard(str(tmp_path / "selected"), str(tmp_path / "again"), samples_per_shard=10)
+    table = pq.read_table(tmp_path / "again" / "00000.parquet")
+    assert table.schema.names == OUTPUT_SCHEMA.names[:-1] + SCORE_COLUMNS + ["source_shard"]
+    assert [(r["key"], r["clip_web"], r["sig_captions"]) for r in table.to_pylist()] == \
+        [(key, ran[key]["clip_web"], ran[key]["sig_captions"]) for key in "acd"]
+
+
+def test_a_shard_without_a_recorded_scores_columns_is_an_error(scored, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(scored, broken)
+    path = broken / "00001.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["sig_web", "sig_captions"]), path)
+    with pytest.raises(ReshardError, match=r"00001.parquet: no sig_web column, where the run recorded score 'sig'"):
+        reshard(str(broken), str(tmp_path / "out"), samples_per_shard=3)
