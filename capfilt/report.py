@@ -9,7 +9,8 @@ and plots as data URIs, loads nothing and runs no script; every text from the da
 escaped (it is untrusted web text).
 
 A run's parquet may hold each text's ITC similarity (``web_itc``, ``caption_itc``: a run with
-``filter.itc``), shown as a second pair of histograms. A ``capfilt select`` output (a folder
+``filter.itc``), shown as a second pair of histograms, and the scores of the models a run recorded
+beside the filter's (``scores:``: NAME_web, NAME_captions), a pair of histograms each. A ``capfilt select`` output (a folder
 with ``select.json`` and no ``run.json``) is reported at its policy's thresholds, with why its
 samples left (``select.json``'s counts) and, from its sampled parquet, a few groups of
 near-duplicates: the image kept and those dropped as its duplicates (``select_reason``
@@ -35,6 +36,7 @@ from capfilt.config import MAX_IMAGE_PIXELS
 from capfilt.io.fs import exists, isdir, read_json, read_matching, read_parquet, read_parquet_schema, write_file
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
+from capfilt.io.writer import PARQUET_SCHEMA
 from capfilt.io.layout import RUN_FILE, SELECT_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
 from capfilt.stats import Counts, ShardStats
 
@@ -70,10 +72,17 @@ class ReportData:
     caption_itc: list[float] = field(default_factory=list)
     selection: dict[str, Any] | None = None  # select.json, for a capfilt select output
     duplicate_groups: list[dict[str, Any]] = field(default_factory=list)
+    # Each recorded score's values in the sampled parquet, by name: {"web": [...], "captions": [...]}.
+    recorded: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def itc_threshold(self) -> float | None:
         return ((self.selection or {}).get("policy") or {}).get("itc_threshold")
+
+    @property
+    def score_thresholds(self) -> dict[str, float]:
+        """A selection's thresholds on recorded scores (select.score_thresholds)."""
+        return ((self.selection or {}).get("policy") or {}).get("score_thresholds") or {}
 
 
 def build_report(output: str, max_shards: int = 16, examples: int = 12, image_shards: int = 4,
@@ -95,9 +104,12 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
     step = max(1, len(shards) / max(1, max_shards))
     picked = [shards[int(i * step)] for i in range(min(max_shards, len(shards)))]
     rows: list[dict[str, Any]] = []
+    score_names: list[str] = []
     for shard in picked:
         path = posixpath.join(root, parquet_name(shard.shard))
-        for row in _parquet_rows(path):
+        names = recorded_scores(path)
+        score_names += [name for name in names if name not in score_names]
+        for row in _parquet_rows(path, names):
             row["_shard"] = shard.shard
             rows.append(row)
     errors = Counter(error_reason(r["error"], r["key"]) for r in rows if r["status"] == "error")
@@ -109,6 +121,9 @@ def build_report(output: str, max_shards: int = 16, examples: int = 12, image_sh
                       [s.shard for s in picked], len(rows), errors, web_scores, caption_scores)
     data.web_itc = [r["web_itc"] for r in rows if r.get("web_itc") is not None]
     data.caption_itc = [s for r in rows for s in (r.get("caption_itc") or []) if s is not None]
+    data.recorded = {name: {"web": [r[f"{name}_web"] for r in rows if r.get(f"{name}_web") is not None],
+                            "captions": [s for r in rows for s in (r.get(f"{name}_captions") or []) if s is not None]}
+                     for name in score_names}
     data.selection = selection
     data.examples = _pick_examples(rows, threshold, examples, image_shards, seed)
     data.duplicate_groups = duplicate_groups(rows)
@@ -141,12 +156,25 @@ def _shard_stats(path: str, data: bytes) -> ShardStats:
     return stats
 
 
-def _parquet_rows(path: str) -> list[dict[str, Any]]:
-    """The columns the report reads; the ITC similarities and select's reason where present."""
+def recorded_scores(path: str) -> list[str]:
+    """The names of the scores a parquet recorded (``scores:``): each NAME whose NAME_web and
+    NAME_captions it holds, in its order. A run's, a selection's or a reshard's alike."""
+    if not exists(path):
+        return []
+    names = read_parquet_schema(path).names
+    return [column[:-len("_web")] for column in names if column.endswith("_web")
+            and column not in PARQUET_SCHEMA.names and column[:-len("_web")] + "_captions" in names]
+
+
+def _parquet_rows(path: str, score_names: list[str] = ()) -> list[dict[str, Any]]:
+    """The columns the report reads; the ITC similarities, select's reason and the recorded
+    scores of ``score_names`` where present."""
     if not exists(path):
         return []
     present = read_parquet_schema(path).names
-    return read_parquet(path, columns=COLUMNS + [c for c in (*ITC_COLUMNS, SELECT_REASON) if c in present]).to_pylist()
+    scored = [f"{name}_{part}" for name in score_names for part in ("web", "captions")]
+    return read_parquet(path, columns=COLUMNS + [c for c in (*ITC_COLUMNS, SELECT_REASON, *scored)
+                                                 if c in present]).to_pylist()
 
 
 def duplicate_groups(rows: list[dict[str, Any]], groups: int = DUPLICATE_GROUPS,
@@ -266,12 +294,26 @@ def histogram_png(web: list[float], captions: list[float], threshold: float) -> 
 def itc_histogram_png(web: list[float], captions: list[float], threshold: float | None = None) -> str | None:
     """ITC similarity histograms (cosines in [-1, 1], binned over the range they span), with
     ``threshold`` (a selection's ``itc_threshold``) marked; None without matplotlib."""
-    values = [*web, *captions, *([threshold] if threshold is not None else [])]
+    marks = {f"itc_threshold {threshold:g}": threshold} if threshold is not None else {}
+    return _spanned_histograms(web, captions, "ITC similarity (cosine)", marks)
+
+
+def recorded_histogram_png(name: str, web: list[float], captions: list[float],
+                           threshold: float | None = None) -> str | None:
+    """A recorded score's histograms (``scores:``; a cosine, a probability: binned over the range
+    they span), with ``threshold`` (a selection's ``score_thresholds``) marked; None without
+    matplotlib."""
+    marks = {f"score_thresholds.{name} {threshold:g}": threshold} if threshold is not None else {}
+    return _spanned_histograms(web, captions, f"{name} score", marks)
+
+
+def _spanned_histograms(web: list[float], captions: list[float], xlabel: str, marks: dict[str, float]) -> str | None:
+    """``_histograms`` in 40 bins over the range the values and marks span, in steps of 0.05."""
+    values = [*web, *captions, *marks.values()]
     low, high = math.floor(min(values, default=0) * 20) / 20, math.ceil(max(values, default=0) * 20) / 20
     high = max(high, low + 0.05)
     bins = [low + (high - low) * i / 40 for i in range(41)]
-    marks = {f"itc_threshold {threshold:g}": threshold} if threshold is not None else {}
-    return _histograms(web, captions, bins, "ITC similarity (cosine)", marks)
+    return _histograms(web, captions, bins, xlabel, marks)
 
 
 def _histograms(web: list[float], captions: list[float], bins: list[float], xlabel: str,
@@ -350,6 +392,7 @@ def render_html(data: ReportData) -> str:
     parts += _error_table(data)
     parts += _scores_section(data)
     parts += _itc_section(data)
+    parts += _recorded_section(data)
     parts += _selection_section(data)
     for section, (title, what) in SECTIONS.items():
         rows = data.examples.get(section, [])
@@ -391,6 +434,23 @@ def _itc_section(data: ReportData) -> list[str]:
     parts.append("<p class='meta'>Each text's cosine similarity to its image, from the filter's unimodal "
                  "encoders (web_itc, caption_itc): what select.itc_threshold and select.top_score: itc "
                  "read.</p>")
+    return parts + [_sampled(data), "</section>"]
+
+
+def _recorded_section(data: ReportData) -> list[str]:
+    """A pair of histograms per score the run recorded (``scores:``); nothing for a run without."""
+    if not data.recorded:
+        return []
+    models = {item.get("name"): item for item in data.config.get("scores") or [] if isinstance(item, dict)}
+    parts = ["<section id='recorded'><h2>Recorded scores</h2>",
+             "<p class='meta'>The scores of the models the run recorded beside the filter's (scores:), "
+             "deciding nothing: what select.score_thresholds and select.top_score: NAME read.</p>"]
+    for name, values in data.recorded.items():
+        model = models.get(name, {})
+        about = f" ({model.get('model')}, {model.get('kind', 'auto')})" if model.get("model") else ""
+        parts.append(f"<h3 id='recorded-{html.escape(name)}'>{html.escape(name)}{html.escape(about)}</h3>")
+        png = recorded_histogram_png(name, values["web"], values["captions"], data.score_thresholds.get(name))
+        parts.append(f"<img class='plot' alt='{html.escape(name)} histograms' src='{png}'>" if png else NO_MATPLOTLIB)
     return parts + [_sampled(data), "</section>"]
 
 

@@ -3,14 +3,16 @@
 import json
 import os
 
+import pyarrow.parquet as pq
 import pytest
 from browser import Chromium
 from conftest import COLOURS, image_bytes, make_web_shards, write_shard
 from PIL import Image
 
+from capfilt.config import load_config
 from capfilt.decision import decide
 from capfilt.io.fs import OutputDir
-from capfilt.io.writer import ShardWriter
+from capfilt.io.writer import ShardWriter, run_schema
 from capfilt.stats import ShardStats
 from capfilt.report import build_report, error_reason
 from capfilt.sample import Sample
@@ -27,7 +29,8 @@ CASES = {
 
 
 def hand_made_output(tmp_path, shards=2):
-    """An output written by capfilt's own writer, with chosen scores, and its input shards."""
+    """An output written by capfilt's own writer, with chosen scores (a CLIP score recorded
+    beside the filter's: clip_web, clip_captions), and its input shards."""
     out = OutputDir(str(tmp_path / "out"))
     for s in range(shards):
         records, samples = [], []
@@ -38,17 +41,21 @@ def hand_made_output(tmp_path, shards=2):
             sample = Sample(key=key, image=image, image_ext="jpg", web_text=f"web <b>{key}</b>")
             sample.web_score, sample.caption_scores = web, scores
             sample.web_itc, sample.caption_itc = web - 0.45, [score - 0.45 for score in scores]
+            sample.scores = {"clip": {"web": web - 0.6, "captions": [score - 0.6 for score in scores]}}
             sample.captions = [f"caption {i} of {key}" for i in range(len(scores))]
             samples.append(decide(sample, THRESHOLD, "best_score"))
         records.append({"key": f"{s}bad", "jpg": b"not an image", "txt": "broken"})
         input_tar = write_shard(tmp_path / f"{s:05d}.tar", records)
         samples.append(Sample(key=f"{s}bad", image=b"x", image_ext="jpg")
                        .fail(f"{input_tar}: {s}bad.jpg: cannot decode image: UnidentifiedImageError: 'x'"))
-        with ShardWriter(out, f"{s:05d}", THRESHOLD, stats=ShardStats(input=input_tar)) as writer:
+        with ShardWriter(out, f"{s:05d}", THRESHOLD, stats=ShardStats(input=input_tar),
+                         schema=run_schema(["clip"])) as writer:
             for sample in samples:
                 writer.write(sample)
     out.write_bytes("run.json", json.dumps({"config": {"filter": {"threshold": THRESHOLD, "model": "tiny-filter"},
-                                                       "captioner": {"model": "tiny-captioner"}}}).encode())
+                                                       "captioner": {"model": "tiny-captioner"},
+                                                       "scores": [{"name": "clip", "model": "tiny-clip",
+                                                                   "kind": "clip"}]}}).encode())
     return tmp_path / "out"
 
 
@@ -143,13 +150,14 @@ def test_report_opens_in_headless_chromium_with_every_image_rendered(tmp_path):
         })""")
         browser.screenshot(str(tmp_path / "report.png"))
     found = json.loads(found)
-    assert [s[0] for s in found["sections"]] == ["summary", "shards", "errors", "scores", "itc",
+    assert [s[0] for s in found["sections"]] == ["summary", "shards", "errors", "scores", "itc", "recorded",
                                                  "web-kept", "rescued", "dropped", "borderline"]
     # Nothing may load from anywhere and no script may run: the page is untrusted data.
     assert found["csp"] == "default-src 'none'; img-src data:; style-src 'unsafe-inline'", found["csp"]
     assert found["images"] and all(i["ok"] for i in found["images"]), found["images"]
     assert found["images"][0]["alt"] == "score histograms" and found["images"][0]["w"] > 500
     assert found["images"][1]["alt"] == "ITC histograms" and found["images"][1]["w"] > 500
+    assert found["images"][2]["alt"] == "clip histograms" and found["images"][2]["w"] > 500  # recorded
     # Shard 1's dropped image was only in its (removed) input tar: shown as missing, not broken.
     assert len(found["missing"]) == 1 and "not found" in found["missing"][0]
     assert found["cards"]["web-kept"] == 4 and found["cards"]["rescued"] == 2
@@ -281,3 +289,37 @@ def test_a_selection_s_report_shows_its_reasons_and_duplicate_groups_with_their_
     assert "<tr><td>duplicate_of</td><td>3 (50.0%)</td><td>3</td></tr>" in text
     assert text.count("class='grid group'") == 2 and text.count("card keeper") == 2
     assert "00000/a · duplicate_of c" in text
+
+
+def test_every_recorded_score_gets_its_histograms_and_a_selection_marks_its_thresholds(tmp_path, monkeypatch):
+    from test_select import recorded_run
+
+    from capfilt import report
+    from capfilt.select import select
+
+    out = hand_made_output(tmp_path / "hand")
+    data = build_report(str(out))
+    assert sorted(data.recorded["clip"]["web"]) == pytest.approx(sorted([w - 0.6 for _, w, _ in CASES.values()] * 2))
+    assert sorted(data.recorded["clip"]["captions"]) == pytest.approx(
+        sorted([s - 0.6 for _, _, scores in CASES.values() for s in scores] * 2))
+    section = "".join(report._recorded_section(data))  # the page's (the browser test opens it)
+    assert "<h3 id='recorded-clip'>clip (tiny-clip, clip)</h3>" in section and "alt='clip histograms'" in section
+    # A selection of a run that recorded two scores: a pair of histograms each, its thresholds marked.
+    plotted = []
+    real = report.recorded_histogram_png
+    monkeypatch.setattr(report, "recorded_histogram_png",
+                        lambda name, web, captions, threshold=None: plotted.append(
+                            (name, len(web), len(captions), threshold)) or real(name, web, captions, threshold))
+    run = recorded_run(tmp_path / "scored")
+    select(str(run), load_config(None, ["select.score_thresholds={clip: 0.3}"], output=str(tmp_path / "new")))
+    data = build_report(str(tmp_path / "new"))
+    assert list(data.recorded) == ["clip", "sig"] and data.score_thresholds == {"clip": 0.3}
+    section = "".join(report._recorded_section(data))
+    assert plotted == [("clip", 3, 4, 0.3), ("sig", 4, 4, None)]  # d's web text has no clip score
+    assert "<h3 id='recorded-sig'>sig (tiny-sig, auto)</h3>" in section
+    assert section.count("histograms' src='data:image/png") == 2
+    # An output that recorded none: no such section.
+    for path in out.glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["clip_web", "clip_captions"]), path)
+    data = build_report(str(out))
+    assert data.recorded == {} and report._recorded_section(data) == []
