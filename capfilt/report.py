@@ -36,7 +36,7 @@ from capfilt.config import MAX_IMAGE_PIXELS
 from capfilt.io.fs import exists, isdir, read_json, read_matching, read_parquet, read_parquet_schema, write_file
 from capfilt.io.images import ImageError, decode_rgb
 from capfilt.io.reader import read_shard
-from capfilt.io.writer import PARQUET_SCHEMA
+from capfilt.io.writer import recorded_score_names
 from capfilt.io.layout import RUN_FILE, SELECT_FILE, STATS_FILE, parquet_name, shard_of_stats, stats_name, tar_name
 from capfilt.stats import Counts, ShardStats
 
@@ -161,9 +161,7 @@ def recorded_scores(path: str) -> list[str]:
     NAME_captions it holds, in its order. A run's, a selection's or a reshard's alike."""
     if not exists(path):
         return []
-    names = read_parquet_schema(path).names
-    return [column[:-len("_web")] for column in names if column.endswith("_web")
-            and column not in PARQUET_SCHEMA.names and column[:-len("_web")] + "_captions" in names]
+    return recorded_score_names(read_parquet_schema(path))
 
 
 def _parquet_rows(path: str, score_names: list[str] = ()) -> list[dict[str, Any]]:

@@ -32,7 +32,8 @@ from capfilt.io.fs import OutputDir, exists, expand_input, open_read, read_json
 from capfilt.io.reader import split_key, unsafe_name
 from capfilt.io.layout import (NUMBERED_SHARD_FILE, RESHARD_PLAN_FILE, RUN_FILE, STATS_SUFFIX, parquet_name,
                                shard_files, shard_of_stats, stats_name, tar_name)
-from capfilt.io.writer import ADDED_COLUMNS, PARQUET_SCHEMA, TAR_BYTES, run_schema, score_columns
+from capfilt.io.writer import (ADDED_COLUMNS, PARQUET_SCHEMA, TAR_BYTES, recorded_score_names, run_schema,
+                               score_columns)
 from capfilt.stats import TIMING
 from capfilt.sample import KEPT
 
@@ -150,9 +151,7 @@ def recorded_scores(folder: str, first_parquet: bytes) -> list[str]:
     run_file = posixpath.join(folder, RUN_FILE)
     if exists(run_file):
         return [item["name"] for item in (read_json(run_file).get("config") or {}).get("scores") or []]
-    names = pq.read_schema(pa.BufferReader(first_parquet)).names
-    return [column[:-len("_web")] for column in names if column.endswith("_web") and column not in PARQUET_SCHEMA.names
-            and column[:-len("_web")] + "_captions" in names]
+    return recorded_score_names(pq.read_schema(pa.BufferReader(first_parquet)))
 
 
 def scan_inputs(input_url: str, with_sizes: bool) -> Inputs:

@@ -85,6 +85,14 @@ def score_columns(name: str) -> dict[str, pa.DataType]:
     return {f"{name}_web": pa.float64(), f"{name}_captions": pa.list_(pa.float64())}
 
 
+def recorded_score_names(schema: pa.Schema) -> list[str]:
+    """The recorded scores a parquet ``schema`` holds, in its order: each NAME whose ``score_columns``
+    (NAME_web and NAME_captions) it has beside the fixed columns. A run's, a selection's or a reshard's alike."""
+    names = schema.names
+    return [column[:-len("_web")] for column in names if column.endswith("_web")
+            and column not in PARQUET_SCHEMA.names and set(score_columns(column[:-len("_web")])) <= set(names)]
+
+
 # Columns added to the parquet after its first revision: a run written before one lacks it, and
 # its readers (capfilt reshard) take it as null.
 ADDED_COLUMNS = (TAR_BYTES, "web_itc", "caption_itc", IMAGE_EMBEDDING)
