@@ -73,7 +73,8 @@ class CaptionerConfig:
     # BLIP inherits transformers' default top_k of 50 in its nucleus branch.
     top_k: NonNegativeInt = 50
     temperature: PositiveFloat = 1.0  # sampling: the logits are divided by it
-    # Counted in tokens with the prompt included, as BLIP counts them.
+    # Counted in tokens with the prompt included, as BLIP counts them; a BLIP-2 captioner counts
+    # the caption's new tokens only, as LAVIS does (capfilt/models/blip2.py).
     max_length: PositiveInt = 20
     min_length: NonNegativeInt = 5
     repetition_penalty: PositiveFloat = 1.1

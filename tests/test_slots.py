@@ -166,3 +166,14 @@ def test_a_blip2_run_captions_and_decides_with_blip2(tiny_models, blip2_models, 
         assert sorted(row["kept_texts"]) == sorted(kept)
         scores += got
     assert min(scores) < cfg.filter.threshold <= max(scores)  # the cut fell between its scores
+
+
+def test_blip2_opt_yaml_is_blip_base_with_blip2_in_both_slots():
+    base, blip2 = load_config("configs/blip_base.yaml"), load_config("configs/blip2_opt.yaml")
+    cap, itm = blip2.captioner, blip2.filter
+    assert (cap.model, itm.model) == ("Salesforce/blip2-opt-2.7b", "Salesforce/blip2-itm-vit-g")
+    # BLIP-2's captioning settings (LAVIS blip2_opt.py and its COCO caption configs)
+    assert (cap.prompt, cap.top_p, cap.max_length, cap.min_length, cap.repetition_penalty) == \
+        ("a photo of", 0.9, 30, 8, 1.0)
+    assert itm.max_text_tokens == 32
+    assert {**blip2.to_dict(), "captioner": None, "filter": None} == {**base.to_dict(), "captioner": None, "filter": None}
