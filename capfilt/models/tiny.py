@@ -153,10 +153,13 @@ def tiny_blip2_config(text_config, image_size: int = 32, patch_size: int = 16, h
     (BLIP-2 ViT-g: 224, 14, 1408, 39 layers, 16 heads; Q-Former 768, 12, 12; 32 queries)."""
     from transformers import Blip2Config
 
+    # Initialised wider than transformers' defaults (the vision tower's is 1e-10), so that a tiny
+    # random model's outputs depend on the image and the text.
     vision = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                  num_attention_heads=heads, image_size=image_size, patch_size=patch_size)
+                  num_attention_heads=heads, image_size=image_size, patch_size=patch_size, initializer_range=0.2)
     qformer = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                   num_attention_heads=heads, cross_attention_frequency=1, max_position_embeddings=64)
+                   num_attention_heads=heads, cross_attention_frequency=1, max_position_embeddings=64,
+                   initializer_range=0.2)
     if qformer_vocab is not None:  # the retrieval model's Q-Former reads text too
         qformer.update(vocab_size=qformer_vocab, use_qformer_text_input=True)
     return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text_config,
@@ -189,10 +192,19 @@ def build_tiny_blip2_models(out_dir: str, words: list[str] | None = None, image_
         config = tiny_blip2_config(text_config, image_size=image_size, hidden=hidden,
                                    image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN))
         torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(config)
+        model = _distinct_queries(Blip2ForConditionalGeneration(config))
         paths.append(save_checkpoint(model, tok, image_size, os.path.join(out_dir, name)))
     config = tiny_blip2_config(None, image_size=image_size, hidden=hidden, qformer_vocab=len(bert_tok))
     torch.manual_seed(seed)
-    itm = Blip2ForImageTextRetrieval(config)
+    itm = _distinct_queries(Blip2ForImageTextRetrieval(config))
     paths.append(save_checkpoint(itm, bert_tok, image_size, os.path.join(out_dir, "blip2_itm")))
     return tuple(paths)
+
+
+def _distinct_queries(model):
+    """``model`` with random query tokens: transformers starts them at zero, all alike."""
+    import torch
+
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    return model
