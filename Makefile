@@ -46,7 +46,9 @@ round: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.round --output round_output
 
 # BLIP-base shape by default (about 18 minutes on 2 cores); `make bench BENCH_ARGS="--shape small"`
-# takes a few minutes.
+# takes a few minutes. BLIP-2 OPT-2.7b and CLIP ViT-L/14 (BENCHMARKS.md gives the commands):
+# `make bench BENCH_ARGS="--models blip2-opt-2.7b --dtypes bfloat16 --naive-dtype bfloat16 ..."`,
+# `make bench BENCH_ARGS="--models clip-l14 ..."`.
 BENCH_ARGS ?= --shape base
 bench: install
 	$(LOOPBACK_ENV) $(PY) -m pipelines.bench --output bench_output $(BENCH_ARGS)

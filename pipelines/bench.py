@@ -5,11 +5,23 @@
     python -m pipelines.bench --device cuda --images 2048 --batch-size 256   # on a GPU
     python -m pipelines.bench --only decode                  # decode and preprocess only, a minute
     python -m pipelines.bench --only select                  # select vs a tarfile loop only, a minute
+    python -m pipelines.bench --models blip2-opt-2.7b --dtypes bfloat16 --naive-dtype bfloat16 \
+        --skip decode --skip select --skip end-to-end --images 4 --batch-size 4   # BLIP-2 OPT-2.7b
+    python -m pipelines.bench --models clip-l14 --skip decode --skip select --images 8   # CLIP L/14 decides
 
-Models are BLIP-shaped with random weights (no hub offline). In one run it measures:
+Models have random weights (no hub offline), saved with save_pretrained and loaded as users' are.
+``--models`` picks them: ``blip`` (default), BLIP of ``--shape`` in both slots; ``blip2-opt-2.7b``,
+Blip2ForConditionalGeneration at Salesforce/blip2-opt-2.7b's widths (ViT-g, Q-Former, OPT-2.7b)
+captions and Blip2ForImageTextRetrieval at blip2-itm-vit-g's decides; ``clip-l14``, BLIP of
+``--shape`` captions and CLIPModel at openai/clip-vit-large-patch14's widths decides
+(``filter.kind: clip``). ``--size tiny`` gives those two tiny widths (tests), ``--depth-fraction``
+fewer layers at the real widths. In one run it measures:
 0. decode: capfilt's prepare on one thread, before issue 15 and now, on 1024x768 and 384x384 JPEGs;
 1. naive: ``BlipForConditionalGeneration.generate(do_sample=True, num_return_sequences=N)`` per
-   batch, then ``BlipForImageTextRetrieval(...)`` on every (image, text) pair, as a user would write;
+   batch, then ``BlipForImageTextRetrieval(...)`` on every (image, text) pair, as a user would write
+   (BLIP-2: ``Blip2ForConditionalGeneration.generate``, then
+   ``Blip2ForImageTextRetrieval(..., use_image_text_matching_head=True)`` per pair; CLIP: ``CLIPModel``
+   per pair);
 2. model-only: capfilt's own model calls (``CapFiltStep.process_batch``) on pre-decoded tensors;
 3. end to end: ``capfilt run`` from tar to tar through Ray;
 4. select: ``capfilt select`` against a plain tarfile loop, in samples/s (pipelines/select_bench.py).
@@ -35,27 +47,199 @@ SHAPES = {
     "base": dict(image_size=384, patch_size=16, hidden=768, layers=12, heads=12, intermediate=3072),
     "small": dict(image_size=224, patch_size=16, hidden=256, layers=4, heads=4, intermediate=1024),
 }
+SHAPES["tiny"] = dict(image_size=32, patch_size=16, hidden=32, layers=1, heads=2, intermediate=64)  # smoke tests
 VOCAB = 30524  # BERT's, as BLIP's
 
+# --models: what fills the two slots. blip: BLIP of --shape in both. blip2-opt-2.7b: BLIP-2's
+# captioner and ITM filter. clip-l14: BLIP of --shape captions, CLIP ViT-L/14 decides.
+MODELS = ("blip", "blip2-opt-2.7b", "clip-l14")
+# Real widths of the hub checkpoints (--size real), or tiny ones for smoke tests (--size tiny):
+# Salesforce/blip2-opt-2.7b (ViT-g, Q-Former, OPT-2.7b), Salesforce/blip2-itm-vit-g, and
+# openai/clip-vit-large-patch14. --depth-fraction scales every stack's depth, never a width.
+WIDTHS = {
+    "real": {
+        "vit_g": dict(hidden_size=1408, num_hidden_layers=39, num_attention_heads=16, intermediate_size=6144,
+                      image_size=224, patch_size=14),
+        "qformer": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        cross_attention_frequency=2),
+        "opt": dict(hidden_size=2560, word_embed_proj_dim=2560, num_hidden_layers=32, num_attention_heads=32,
+                    ffn_dim=10240, vocab_size=50272, max_position_embeddings=2048),
+        "queries": 32, "itm_hidden": 256,
+        "clip_vision": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                            image_size=224, patch_size=14),
+        "clip_text": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          max_position_embeddings=77, vocab_size=49408),
+        "clip_projection": 768,
+    },
+    "tiny": {
+        "vit_g": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      image_size=28, patch_size=14),
+        "qformer": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        cross_attention_frequency=2),
+        "opt": dict(hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                    ffn_dim=64, vocab_size=1000, max_position_embeddings=128),
+        "queries": 4, "itm_hidden": 32,
+        "clip_vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            image_size=28, patch_size=14),
+        "clip_text": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=77, vocab_size=1000),
+        "clip_projection": 32,
+    },
+}
+# BLIP-2's captioning as LAVIS's blip2_opt.py does it (max_length counts new tokens for BLIP-2),
+# the same in capfilt and the naive loop.
+BLIP2_CAPTIONING = dict(prompt="a photo of", top_p=0.9, top_k=50, max_length=20, min_length=5,
+                        repetition_penalty=1.0)
 
-def build_models(folder: str, shape: str) -> tuple[str, str]:
+
+def build_models(folder: str, shape: str, slots: tuple[str, ...] = ("captioner", "filter")) -> tuple[str, str]:
+    """BLIP of ``shape`` in ``folder/captioner`` and ``folder/filter`` (only those of ``slots``)."""
     import torch
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-    from capfilt.models.tiny import DEFAULT_WORDS, build_tokenizer, save_checkpoint, tiny_config
+    from capfilt.models.tiny import save_checkpoint, tiny_config
 
+    paths = (os.path.join(folder, "captioner"), os.path.join(folder, "filter"))
+    classes = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
+    tokenizer, size = None, SHAPES[shape]["image_size"]
+    for slot, path in zip(classes, paths):
+        if slot not in slots or os.path.exists(os.path.join(path, "model.safetensors")):
+            continue
+        tokenizer = tokenizer or bert_tokenizer(VOCAB)
+        torch.manual_seed(0)
+        save_checkpoint(classes[slot](tiny_config(tokenizer, **SHAPES[shape])), tokenizer, size, path)
+    return paths
+
+
+def bert_tokenizer(size: int):
+    """BLIP's kind of tokenizer (WordPiece, [DEC], [ENC]) over the bench's words, filled to ``size``."""
+    from capfilt.models.tiny import DEFAULT_WORDS, build_tokenizer
+
+    base = build_tokenizer(DEFAULT_WORDS)
+    return build_tokenizer(list(DEFAULT_WORDS) + [f"w{i}" for i in range(size - len(base))])
+
+
+def opt_tokenizer(size: int):
+    """OPT's kind of tokenizer (byte-level BPE; ``</s>`` is BOS and EOS and starts every text;
+    ``<pad>``; the ``<image>`` token of the converted BLIP-2 checkpoints), trained on the bench's
+    words and filled to ``size`` tokens that decode to `` w<i>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from capfilt.models.tiny import DEFAULT_WORDS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<image>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(DEFAULT_WORDS), *(" " + w for w in DEFAULT_WORDS)], trainer=trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(size - len(vocab)):
+        vocab[f"\u0120w{i}"] = len(vocab)  # Ġ: the byte-level space
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<image>"], model_max_length=2048)
+
+
+def random_model(model_cls, config, seed: int = 0):
+    """``model_cls(config)`` in bfloat16 with random weights: normal (std 0.02), norms at one, biases
+    at zero, CLIP's logit scale at log(1 / 0.07). transformers' own init of a 3.9B-parameter model
+    takes minutes on 2 cores in float32; this takes seconds and never holds float32 weights."""
+    import torch
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = model_cls._from_config(config, dtype=torch.bfloat16)
+    model.tie_weights()  # OPT's output layer is its input embedding, as transformers' init ties them
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.dim() == 0:
+                param.fill_(2.6592)
+            elif param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
+def scaled(stack: dict[str, Any], depth: float) -> dict[str, Any]:
+    """``stack`` with ``depth`` of its layers (at least one), its widths unchanged."""
+    return dict(stack, num_hidden_layers=max(1, round(stack["num_hidden_layers"] * depth)))
+
+
+def build_blip2(folder: str, size: str, depth: float) -> tuple[str, str]:
+    """Blip2ForConditionalGeneration (ViT-g, Q-Former, OPT-2.7b widths) in ``folder/captioner`` and
+    Blip2ForImageTextRetrieval (ViT-g, Q-Former: blip2-itm-vit-g's) in ``folder/filter``."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTConfig
+
+    from capfilt.models.tiny import save_checkpoint
+
+    w = WIDTHS[size]
     paths = (os.path.join(folder, "captioner"), os.path.join(folder, "filter"))
     if all(os.path.exists(os.path.join(p, "model.safetensors")) for p in paths):
         return paths
-    base = build_tokenizer(DEFAULT_WORDS)
-    filler = [f"w{i}" for i in range(VOCAB - len(base))]
-    tokenizer = build_tokenizer(list(DEFAULT_WORDS) + filler)
-    config = tiny_config(tokenizer, **SHAPES[shape])
-    torch.manual_seed(0)
-    size = SHAPES[shape]["image_size"]
-    save_checkpoint(BlipForConditionalGeneration(config), tokenizer, size, paths[0])
-    save_checkpoint(BlipForImageTextRetrieval(config), tokenizer, size, paths[1])
+    vision, qformer, image_size = scaled(w["vit_g"], depth), scaled(w["qformer"], depth), w["vit_g"]["image_size"]
+    opt_tok, bert_tok = opt_tokenizer(w["opt"]["vocab_size"]), bert_tokenizer(VOCAB if size == "real" else 1000)
+    opt = OPTConfig(**scaled(w["opt"], depth), bos_token_id=opt_tok.bos_token_id, eos_token_id=opt_tok.eos_token_id,
+                    pad_token_id=opt_tok.pad_token_id)
+    captioner = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=opt,
+                            num_query_tokens=w["queries"], image_token_index=opt_tok.convert_tokens_to_ids("<image>"))
+    save_checkpoint(random_model(Blip2ForConditionalGeneration, captioner), opt_tok, image_size, paths[0])
+    itm_qformer = dict(qformer, vocab_size=len(bert_tok), use_qformer_text_input=True)  # it reads texts
+    itm = Blip2Config(vision_config=vision, qformer_config=itm_qformer, text_config=None,
+                      num_query_tokens=w["queries"], image_text_hidden_size=w["itm_hidden"])
+    save_checkpoint(random_model(Blip2ForImageTextRetrieval, itm), bert_tok, image_size, paths[1])
     return paths
+
+
+def build_clip(path: str, size: str, depth: float) -> str:
+    """CLIPModel of openai/clip-vit-large-patch14's widths, with its preprocessing (shortest edge to
+    224, centre crop). Its tokenizer is WordPiece, not CLIP's BPE, at CLIP's vocabulary size."""
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    w = WIDTHS[size]
+    tok = bert_tokenizer(w["clip_text"]["vocab_size"])
+    text = dict(scaled(w["clip_text"], depth), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id, projection_dim=w["clip_projection"])
+    config = CLIPConfig(text_config=text, vision_config=scaled(w["clip_vision"], depth),
+                        projection_dim=w["clip_projection"])
+    random_model(CLIPModel, config).save_pretrained(path)
+    tok.save_pretrained(path)
+    image_size = w["clip_vision"]["image_size"]
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def build_family(folder: str, models: str, shape: str, size: str, depth: float) -> tuple[str, str]:
+    """The captioner's and the filter's checkpoint folders for ``--models``, built once."""
+    if models == "blip":
+        return build_models(os.path.join(folder, f"models_{shape}"), shape)
+    tag = f"{size}" if depth == 1 else f"{size}_depth{depth:g}"
+    if models == "blip2-opt-2.7b":
+        return build_blip2(os.path.join(folder, f"models_blip2-opt-2.7b_{tag}"), size, depth)
+    cap, _ = build_models(os.path.join(folder, f"models_{shape}"), shape, slots=("captioner",))
+    return cap, build_clip(os.path.join(folder, f"models_clip-l14_{tag}", "filter"), size, depth)
+
+
+def capfilt_overrides(models: str, cap: str, itm: str, num_captions: int, dtype: str, device: str) -> list[str]:
+    """configs/blip_base.yaml's overrides that make capfilt run ``models`` as the naive loop runs them."""
+    overrides = [f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={num_captions}",
+                 f"runtime.dtype={dtype}", f"runtime.device={device}"]
+    if models == "blip2-opt-2.7b":
+        overrides += [f"captioner.{key}={value}" for key, value in BLIP2_CAPTIONING.items()]
+    if models == "clip-l14":
+        overrides += ["filter.kind=clip", "filter.threshold=0.25"]
+    return overrides
 
 
 def write_shards(folder: str, images: int, shards: int) -> list[str]:
@@ -194,17 +378,17 @@ def load_samples(paths: list[str]):
     return [s for p in paths for s in read_shard(p)]
 
 
-def naive(cap_path: str, itm_path: str, paths: list[str], batch: int, n: int, device: str = "cpu") -> dict[str, Any]:
-    """What a user writes with plain transformers: per-pair ITM re-encodes the image every time."""
+def naive(cap_path: str, itm_path: str, paths: list[str], batch: int, n: int, device: str = "cpu",
+          models: str = "blip", dtype: str = "float32") -> dict[str, Any]:
+    """What a user writes with plain transformers: ``generate(do_sample=True,
+    num_return_sequences=n)`` per batch of images, then one forward of the filter model per
+    (image, text) pair, which encodes the image again for every text."""
     import torch
     from PIL import Image
-    from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    captioner = BlipForConditionalGeneration.from_pretrained(cap_path).eval().to(device)
-    itm = BlipForImageTextRetrieval.from_pretrained(itm_path).eval().to(device)
-    processor = BlipImageProcessorPil.from_pretrained(cap_path)
-    tokenizer = AutoTokenizer.from_pretrained(cap_path)
+    torch_dtype = getattr(torch, dtype)
+    caption = NAIVE_CAPTIONERS[models](cap_path, device, torch_dtype, n)
+    prepare, score = NAIVE_FILTERS[models](itm_path, device, torch_dtype)
     samples = load_samples(paths)
 
     @torch.no_grad()
@@ -212,21 +396,119 @@ def naive(cap_path: str, itm_path: str, paths: list[str], batch: int, n: int, de
         for i in range(0, len(samples), batch):
             chunk = samples[i:i + batch]
             images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in chunk]
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-            prompt = tokenizer(["a picture of "] * len(chunk), return_tensors="pt").to(device)
-            out = captioner.generate(pixel_values=pixels, input_ids=prompt.input_ids,
-                                     attention_mask=prompt.attention_mask, do_sample=True, top_p=0.9,
-                                     max_length=20, min_length=5, repetition_penalty=1.1,
-                                     num_return_sequences=n)
-            captions = tokenizer.batch_decode(out, skip_special_tokens=True)
+            pixels, captions = caption(images)
+            pixels = prepare(images, pixels)
             for j, sample in enumerate(chunk):
-                for text in [sample.web_text] + captions[j * n:(j + 1) * n]:
-                    tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt").to(device)
-                    logits = itm(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                                 pixel_values=pixels[j:j + 1]).itm_score
-                    torch.softmax(logits, dim=-1)[0, 1].item()
+                for text in [sample.web_text] + captions[j]:
+                    score(pixels[j:j + 1], text)
 
     return timed(device, len(samples), loop)
+
+
+def naive_blip_captioner(path: str, device: str, dtype, n: int):
+    """images -> (pixels, n captions per image): ``BlipForConditionalGeneration.generate``."""
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    captioner = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype).eval().to(device)
+    processor = BlipImageProcessorPil.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def caption(images):
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
+        prompt = tokenizer(["a picture of "] * len(images), return_tensors="pt").to(device)
+        out = captioner.generate(pixel_values=pixels, input_ids=prompt.input_ids,
+                                 attention_mask=prompt.attention_mask, do_sample=True, top_p=0.9,
+                                 max_length=20, min_length=5, repetition_penalty=1.1, num_return_sequences=n)
+        captions = tokenizer.batch_decode(out, skip_special_tokens=True)
+        return pixels, [captions[j * n:(j + 1) * n] for j in range(len(images))]
+
+    return caption
+
+
+def naive_blip2_captioner(path: str, device: str, dtype, n: int):
+    """images -> (pixels, n captions per image): ``Blip2ForConditionalGeneration.generate`` with
+    the input ids Blip2Processor writes (one image token per query, then the prompt)."""
+    import torch
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    captioner = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval().to(device)
+    processor = BlipImageProcessorPil.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    c, config = BLIP2_CAPTIONING, captioner.config
+    prompt = [config.image_token_index] * config.num_query_tokens + tokenizer(c["prompt"]).input_ids
+
+    def caption(images):
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
+        ids = torch.tensor([prompt] * len(images), device=device)
+        out = captioner.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 do_sample=True, top_p=c["top_p"], top_k=c["top_k"], max_new_tokens=c["max_length"],
+                                 min_new_tokens=c["min_length"], repetition_penalty=c["repetition_penalty"],
+                                 num_return_sequences=n)
+        captions = [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+        return pixels, [captions[j * n:(j + 1) * n] for j in range(len(images))]
+
+    return caption
+
+
+def naive_blip_filter(path: str, device: str, dtype):
+    """(prepare, score): ``BlipForImageTextRetrieval`` on one pair, on the captioner's pixels."""
+    import torch
+    from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+    itm = BlipForImageTextRetrieval.from_pretrained(path, dtype=dtype).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def score(pixels, text: str) -> float:
+        tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt").to(device)
+        logits = itm(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).itm_score
+        return torch.softmax(logits.float(), dim=-1)[0, 1].item()
+
+    return (lambda images, pixels: pixels), score
+
+
+def naive_blip2_filter(path: str, device: str, dtype):
+    """(prepare, score): ``Blip2ForImageTextRetrieval(use_image_text_matching_head=True)`` on one
+    pair, on the captioner's pixels (both preprocess alike)."""
+    import torch
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
+
+    itm = Blip2ForImageTextRetrieval.from_pretrained(path, dtype=dtype).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def score(pixels, text: str) -> float:
+        tokens = tokenizer(text, truncation=True, max_length=35, return_tensors="pt").to(device)
+        logits = itm(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                     use_image_text_matching_head=True).logits_per_image
+        return torch.softmax(logits.float(), dim=-1)[0, 1].item()
+
+    return (lambda images, pixels: pixels), score
+
+
+def naive_clip_filter(path: str, device: str, dtype):
+    """(prepare, score): ``CLIPModel`` on one pair, its own preprocessing; the score is the cosine."""
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    clip = CLIPModel.from_pretrained(path, dtype=dtype).eval().to(device)
+    processor = CLIPImageProcessorPil.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def prepare(images, _):
+        return processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
+
+    def score(pixels, text: str) -> float:
+        tokens = tokenizer(text, truncation=True, max_length=77, return_tensors="pt").to(device)
+        out = clip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+        return (out.logits_per_image / clip.logit_scale.exp())[0, 0].item()
+
+    return prepare, score
+
+
+NAIVE_CAPTIONERS = {"blip": naive_blip_captioner, "blip2-opt-2.7b": naive_blip2_captioner,
+                    "clip-l14": naive_blip_captioner}
+NAIVE_FILTERS = {"blip": naive_blip_filter, "blip2-opt-2.7b": naive_blip2_filter, "clip-l14": naive_clip_filter}
 
 
 def model_only(config, paths: list[str], batch: int, threads: int) -> dict[str, Any]:
@@ -270,9 +552,9 @@ def end_to_end(args, cap: str, itm: str, inputs: str, dtype: str) -> dict[str, A
 
     out = os.path.join(args.output, f"e2e_{dtype}")
     config = load_config("configs/blip_base.yaml", [
-        f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={args.num_captions}",
-        f"runtime.batch_size={args.batch_size}", f"runtime.dtype={dtype}", f"runtime.device={args.device}",
-        "runtime.num_workers=1", f"runtime.gpus_per_worker={1 if args.device == 'cuda' else 0}",
+        *capfilt_overrides(args.models, cap, itm, args.num_captions, dtype, args.device),
+        f"runtime.batch_size={args.batch_size}", "runtime.num_workers=1",
+        f"runtime.gpus_per_worker={1 if args.device == 'cuda' else 0}",
         f"runtime.cpus_per_worker={args.threads}"], input=inputs, output=out)
     start = time.perf_counter()
     rc = run_and_summarise(config, mode="overwrite", verbose=False, progress=False)
@@ -364,16 +646,28 @@ def agreement(out_a: str, out_b: str, threshold: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="base")
+    parser.add_argument("--models", choices=MODELS, default="blip",
+                        help="blip: BLIP of --shape in both slots; blip2-opt-2.7b: BLIP-2 captioner and ITM "
+                             "filter; clip-l14: BLIP of --shape captions, CLIP ViT-L/14 decides")
+    parser.add_argument("--shape", choices=list(SHAPES), default="base", help="the BLIP models' shape")
+    parser.add_argument("--size", choices=list(WIDTHS), default="real",
+                        help="the BLIP-2 and CLIP models' widths: the hub checkpoints' (real) or tiny ones")
+    parser.add_argument("--depth-fraction", type=float, default=1.0,
+                        help="build the BLIP-2 and CLIP models with this fraction of each stack's layers "
+                             "(at least one), widths unchanged: full depth may not fit a small machine")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--num-captions", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--naive-dtype", default="float32",
+                        help="the naive loop's dtype (bfloat16 where float32 weights do not fit)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: all three on the GPU, and its utilisation sampled with nvidia-smi")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip", action="append", default=[], choices=["decode", "select", "end-to-end"],
+                        help="leave out a measurement (repeatable)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="measure each of naive, model-only and end to end this many times, "
                              "model-only and end to end alternating, then naive, and keep the fastest "
@@ -393,15 +687,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from capfilt.config import load_config
-
     sections: dict[str, Any] = {}
-    if args.only in (None, "decode"):
+    if args.only in (None, "decode") and "decode" not in args.skip:
         size = SHAPES[args.shape]["image_size"]
         sections["decode"] = isolated(1, decode, os.path.join(args.output, f"decode_models_{size}"), size,
                                       args.decode_images, args.repeats, args.batch_size)
         report_decode(sections["decode"])
-    if args.only in (None, "select"):
+    if args.only in (None, "select") and "select" not in args.skip:
         per_shard = -(-args.select_samples // args.select_shards)
         sections["select"] = select_bench.select_vs_loop(args.output, args.select_shards, per_shard,
                                                          args.select_repeats)
@@ -412,62 +704,81 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(sections, f, indent=2)
         return 0
     torch.set_num_threads(args.threads)
-    cap, itm = build_models(os.path.join(args.output, f"models_{args.shape}"), args.shape)
+    family = (args.output, args.models, args.shape, args.size, args.depth_fraction)
+    if args.models != "blip" and args.size == "real":  # the main process keeps no 3.9B model's pages
+        cap, itm = isolated(args.threads, build_family, *family)
+    else:
+        cap, itm = build_family(*family)
     paths = write_shards(os.path.join(args.output, "shards"), args.images, args.shards)
-    result: dict[str, Any] = {"shape": args.shape, "images": args.images, "num_captions": args.num_captions,
-                              "batch_size": args.batch_size, "threads": args.threads,
+    result: dict[str, Any] = {"models": args.models, "shape": args.shape, "images": args.images,
+                              "num_captions": args.num_captions, "batch_size": args.batch_size,
+                              "threads": args.threads,
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                               **sections}
-    # Each measurement runs in a fresh process, as cold as a Ray worker starts (oneDNN and the
-    # allocator warm up per process and shape). Each is repeated and the fastest kept, so
-    # that a slow spell of the machine does not decide a ratio.
-    def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
-        return dict(max(runs, key=lambda r: r["images_per_s"]), all_images_per_s=[r["images_per_s"] for r in runs])
-
-    for dtype in args.dtypes.split(","):
-        config = load_config("configs/blip_base.yaml", [
-            f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={args.num_captions}",
-            f"runtime.dtype={dtype}", f"runtime.device={args.device}"])
-        runs: dict[str, list] = {"model_only": [], "end_to_end": []}
-        for _ in range(args.repeats):
-            runs["model_only"].append(measure(args.device, args.threads, model_only, config, paths,
-                                              args.batch_size, args.threads))
-            print(f"model-only {dtype}:", runs["model_only"][-1], flush=True)
-            runs["end_to_end"].append(measure(args.device, args.threads, end_to_end, args, cap, itm,
-                                              os.path.join(args.output, "shards"), dtype))
-            print(f"end to end {dtype}:", runs["end_to_end"][-1], flush=True)
-        result[f"model_only_{dtype}"] = best(runs["model_only"])
-        result[f"end_to_end_{dtype}"] = best(runs["end_to_end"])
-    if not args.skip_naive:
-        runs_naive = []
-        for _ in range(args.repeats):
-            runs_naive.append(measure(args.device, args.threads, naive, cap, itm, paths, args.batch_size,
-                                      args.num_captions, args.device))
-            print("naive float32:", runs_naive[-1], flush=True)
-        result["naive_float32"] = best(runs_naive)
+    if args.models != "blip":
+        result.update(size=args.size, depth_fraction=args.depth_fraction)
+    measure_all(args, cap, itm, paths, result)
     report(result, args)
     with open(os.path.join(args.output, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     return 0
 
 
+def measure_all(args, cap: str, itm: str, paths: list[str], result: dict[str, Any]) -> None:
+    """Model-only, end to end and naive into ``result``. Each runs in a fresh process, as cold as a
+    Ray worker starts (oneDNN and the allocator warm up per process and shape). Each is repeated
+    and the fastest kept, so that a slow spell of the machine does not decide a ratio."""
+    from capfilt.config import load_config
+
+    def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return dict(max(runs, key=lambda r: r["images_per_s"]), all_images_per_s=[r["images_per_s"] for r in runs])
+
+    for dtype in args.dtypes.split(","):
+        config = load_config("configs/blip_base.yaml",
+                             capfilt_overrides(args.models, cap, itm, args.num_captions, dtype, args.device))
+        runs: dict[str, list] = {"model_only": [], "end_to_end": []}
+        for _ in range(args.repeats):
+            runs["model_only"].append(measure(args.device, args.threads, model_only, config, paths,
+                                              args.batch_size, args.threads))
+            print(f"model-only {dtype}:", runs["model_only"][-1], flush=True)
+            if "end-to-end" not in args.skip:
+                runs["end_to_end"].append(measure(args.device, args.threads, end_to_end, args, cap, itm,
+                                                  os.path.join(args.output, "shards"), dtype))
+                print(f"end to end {dtype}:", runs["end_to_end"][-1], flush=True)
+        result[f"model_only_{dtype}"] = best(runs["model_only"])
+        if runs["end_to_end"]:
+            result[f"end_to_end_{dtype}"] = best(runs["end_to_end"])
+    if not args.skip_naive:
+        runs_naive = []
+        for _ in range(args.repeats):
+            runs_naive.append(measure(args.device, args.threads, naive, cap, itm, paths, args.batch_size,
+                                      args.num_captions, args.device, args.models, args.naive_dtype))
+            print(f"naive {args.naive_dtype}:", runs_naive[-1], flush=True)
+        result[f"naive_{args.naive_dtype}"] = best(runs_naive)
+
+
 def report(result: dict[str, Any], args) -> None:
-    naive_rate = result.get("naive_float32", {}).get("images_per_s")
-    print(f"\ncapfilt bench: {result['shape']} shape, {result['images']} images, N={result['num_captions']}, "
-          f"batch {result['batch_size']}, {result['machine']}")
+    naive_name = f"naive_{args.naive_dtype}"
+    naive_rate = result.get(naive_name, {}).get("images_per_s")
+    print(f"\ncapfilt bench: {result['models']} models ({result['shape']} BLIP shape), {result['images']} images, "
+          f"N={result['num_captions']}, batch {result['batch_size']}, {result['machine']}")
     if naive_rate:
-        print(f"  naive float32            {naive_rate:8.3f} images/s")
+        print(f"  {'naive ' + args.naive_dtype:<24} {naive_rate:8.3f} images/s")
     ratios = {}
     for dtype in args.dtypes.split(","):
-        mo, e2e = result[f"model_only_{dtype}"], result[f"end_to_end_{dtype}"]
+        mo, e2e = result[f"model_only_{dtype}"], result.get(f"end_to_end_{dtype}")
         print(f"  model-only {dtype:<13} {mo['images_per_s']:8.3f} images/s")
+        if naive_rate:
+            ratios[f"model_only_{dtype}/{naive_name}"] = mo["images_per_s"] / naive_rate
+        if e2e is None:
+            continue
         print(f"  end to end {dtype:<13} {e2e['images_per_s']:8.3f} images/s steady "
               f"({e2e['images_per_s_wall']:.3f} with Ray start and model loading; "
               f"{100 * e2e['model_share']:.1f}% of the shard's time in the models)")
         ratios[f"end_to_end_{dtype}/model_only_{dtype}"] = e2e["images_per_s"] / mo["images_per_s"]
         if naive_rate:
-            ratios[f"end_to_end_{dtype}/naive_float32"] = e2e["images_per_s"] / naive_rate
-    if "float32" in args.dtypes and "bfloat16" in args.dtypes:
+            ratios[f"end_to_end_{dtype}/{naive_name}"] = e2e["images_per_s"] / naive_rate
+    if all(f"end_to_end_{d}" in result for d in ("float32", "bfloat16")):
         result["bfloat16_vs_float32"] = agreement(result["end_to_end_float32"]["output"],
                                                   result["end_to_end_bfloat16"]["output"], 0.5)
         print("  bfloat16 vs float32:", result["bfloat16_vs_float32"])
