@@ -27,9 +27,17 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
 
 def pytest_configure(config):
     """setup.cfg's per-test timeout needs pytest-timeout; without it the option is ignored and
-    a hung test hangs CI. Fail instead (make test installs the test extra)."""
+    a hung test hangs CI. Fail instead (make test installs the test extra).
+
+    The models run in this process on one torch thread, as a tiny.yaml worker runs them
+    (cpus_per_worker: 1): the tiny models' ops are too small to share, and two threads waiting on
+    each other beside Ray's workers ran the in-process tests 3-8x slower. It also makes their float
+    results (test_golden's digests) independent of the machine's core count."""
     if not config.pluginmanager.hasplugin("timeout"):
         raise pytest.UsageError("pytest-timeout is missing: pip install -e '.[test]' (make test does)")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,7 @@ issue-12 restructuring (``CAPFILT_WRITE_GOLDEN=1`` rewrites it); a change that a
 the output on purpose rewrites it in the same commit and says why.
 
 The digests depend on the tiny models' random weights and on float arithmetic, so they
-hold for the pinned torch (2.13.0, CPU) on the machines this project runs on.
+hold for the pinned torch (2.13.0, CPU) on one torch thread (conftest.py), on any machine.
 """
 
 import hashlib

@@ -76,11 +76,11 @@ def test_staging_changes_no_byte_and_a_failed_stage_costs_nothing(step, tmp_path
 
     real_encode, calls = step.captioner.encode, []
 
-    def encode(pixels):
+    def encode(pixels, vision_states=None):
         calls.append(1)
         if len(calls) == 2:  # the second stage's vision pass
             raise RuntimeError("out of memory")
-        return real_encode(pixels)
+        return real_encode(pixels, vision_states)
 
     monkeypatch.setattr(step.captioner, "encode", encode)
     step.run(shard(tmp_path / "failed"))
