@@ -22,7 +22,7 @@ from capfilt.io.writer import ShardWriter, run_schema
 from capfilt.models.captioner import batch_seed
 from capfilt.models.loading import poisons_device, resolve_device, torch_dtype
 from capfilt.models.scorers import load_scorer
-from capfilt.models.slots import load_captioner, load_filter
+from capfilt.models.slots import load_captioner, load_filter, shares_vision
 from capfilt.prefetch import pixel_batch, prefetch_batches
 from capfilt.runtime.defaults import apply_precision, held, worker_runtime
 from capfilt.runtime.shards import ShardTask
@@ -53,6 +53,11 @@ class CapFiltStep:
         self.processors = {"captioner": cap_proc}
         if itm_proc.to_dict() != cap_proc.to_dict():
             self.processors["filter"] = itm_proc
+        # One vision pass per image for both when they preprocess alike and hold the same vision
+        # weights (BLIP-2's captioners and ITM keep the frozen ViT they were trained on).
+        self.shared_vision = "filter" not in self.processors and shares_vision(self.captioner, self.filter)
+        if self.shared_vision:
+            log.info("the captioner and the filter hold the same vision weights: one vision pass per image serves both")
         # Recorded scores (scores:): each scorer's pixels are under the key of a processor that
         # preprocesses as its own does, else under its own.
         self.scorers = {s.name: load_scorer(s, self.device, rt.dtype) for s in config.scores}
@@ -140,9 +145,7 @@ class CapFiltStep:
             return None
         try:
             pixels = self._pixels(good)
-            filter_pixels = pixels.get("filter", pixels["captioner"])
-            return Staged(good, pixels, self.captioner.encode(pixels["captioner"]),
-                          self.filter.image_states(filter_pixels))
+            return Staged(good, pixels, *self._vision(pixels))
         except Exception as exc:
             if poisons_device(exc):
                 raise
@@ -202,17 +205,32 @@ class CapFiltStep:
             pixels[name] = model_input(proc).normalise(batch, self.dtype)  # on the device
         return pixels
 
+    def _vision(self, pixels: dict[str, Any]) -> tuple[Any, Any]:
+        """(the captioner's states, the filter's) of a batch: both vision passes, or, when the two
+        share their vision weights and preprocessing, one pass serving both."""
+        import torch
+
+        with torch.inference_mode():  # no autograd graph held with the states until the batch is decided
+            filter_states = self.filter.image_states(pixels.get("filter", pixels["captioner"]))
+            return (self.captioner.encode(pixels["captioner"], filter_states if self.shared_vision else None),
+                    filter_states)
+
     def _launch(self, samples: list[Sample], seed: int, staged: "Staged | None" = None) -> Callable[[], None]:
         """Caption ``samples`` and queue their scores; returns what assigns the scores and decides."""
         pixels = staged.pixels if staged is not None else self._pixels(samples)
-        captions = self.captioner(pixels["captioner"], seed, staged.caption_states if staged is not None else None)
+        if staged is not None:
+            caption_states, filter_states = staged.caption_states, staged.filter_states
+        elif self.shared_vision:
+            caption_states, filter_states = self._vision(pixels)
+        else:  # each model runs its own vision pass
+            caption_states = filter_states = None
+        captions = self.captioner(pixels["captioner"], seed, caption_states)
         texts = []
         for sample, caps in zip(samples, captions):
             sample.captions = caps
             texts.append(_unique(([sample.web_text] if _scorable(sample.web_text) else []) + caps))
         pending = self.filter.launch(pixels.get("filter", pixels["captioner"]), texts,
-                                     embeddings=self.config.writer.embeddings,
-                                     states=staged.filter_states if staged is not None else None)
+                                     embeddings=self.config.writer.embeddings, states=filter_states)
         # The recorded scores, of the same texts; the filter's alone decide.
         recorded = {name: scorer.launch(pixels[self.score_inputs[name]], texts)
                     for name, scorer in self.scorers.items()}

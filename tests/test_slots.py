@@ -177,3 +177,60 @@ def test_blip2_opt_yaml_is_blip_base_with_blip2_in_both_slots():
         ("a photo of", 0.9, 30, 8, 1.0)
     assert itm.max_text_tokens == 32
     assert {**blip2.to_dict(), "captioner": None, "filter": None} == {**base.to_dict(), "captioner": None, "filter": None}
+
+
+def with_other_vision(filter_path, folder) -> str:
+    """``filter_path``'s checkpoint with other vision weights. (The tiny BLIP-2 captioners and ITM
+    are built from one seed: like the hub's, they hold the same vision weights.)"""
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    itm = Blip2ForImageTextRetrieval.from_pretrained(filter_path)
+    with torch.no_grad():
+        itm.vision_model.post_layernorm.weight.mul_(1.5)
+    itm.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(filter_path).save_pretrained(folder)
+    BlipImageProcessorPil.from_pretrained(filter_path).save_pretrained(folder)
+    return str(folder)
+
+
+def test_one_vision_pass_serves_a_captioner_and_filter_of_the_same_vision_weights(tiny_models, blip2_models,
+                                                                                 tmp_path, monkeypatch):
+    from test_select import make_run
+
+    import capfilt.step
+    from capfilt.step import CapFiltStep
+
+    opt, itm = blip2_models
+    other = with_other_vision(itm, tmp_path / "itm_other")
+    (tmp_path / "in").mkdir()
+    url = write_shard(tmp_path / "in" / "00000.tar", SHARD + [{**s, "key": s["key"] + "2"} for s in SHARD])
+    passes = {}
+    real_init = CapFiltStep.__init__
+
+    def init(self, *args, **kwargs):  # count each model's vision passes (batch rows)
+        real_init(self, *args, **kwargs)
+        for slot in ("captioner", "filter"):
+            passes[slot] = []
+            getattr(self, slot).model.vision_model.register_forward_hook(
+                lambda module, args, kwargs, out, slot=slot: passes[slot].append(len(kwargs["pixel_values"])),
+                with_kwargs=True)
+
+    monkeypatch.setattr(CapFiltStep, "__init__", init)
+    outputs = {}
+    for name, filter_path in (("shared", itm), ("forced_apart", itm), ("other", other)):
+        with monkeypatch.context() as m:
+            if name == "forced_apart":
+                m.setattr(capfilt.step, "shares_vision", lambda captioner, filter_: False)
+            cfg = config(tiny_models, f"captioner.model={opt}", f"filter.model={filter_path}", "runtime.batch_size=4",
+                         input=url, output=str(tmp_path / name))
+            make_run(cfg, {"captioner": "tiny", "filter": "tiny"})
+        outputs[name] = ((tmp_path / name / "00000.tar").read_bytes(),
+                         read_parquet(str(tmp_path / name / "00000.parquet")).drop_columns(["error"]))
+        if name == "shared":  # 10 samples in batches of 4, 2 of them broken: 8 images, one pass each
+            assert passes == {"captioner": [], "filter": [3, 3, 2]}, passes
+        else:
+            assert passes["captioner"] == passes["filter"] == [3, 3, 2], passes
+    assert outputs["shared"][0] == outputs["forced_apart"][0]  # the same bytes, one vision pass fewer
+    assert outputs["shared"][1].equals(outputs["forced_apart"][1])
+    assert outputs["shared"][1].column("caption_scores") != outputs["other"][1].column("caption_scores")

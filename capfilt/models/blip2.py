@@ -117,16 +117,19 @@ class Blip2Captioner:
         queries = torch.full((1, config.num_query_tokens), placeholder, dtype=torch.long, device=device)
         self.prefix_ids = torch.cat([queries, self.prompt_ids], dim=1)
 
-    def encode(self, pixel_values):
+    def encode(self, pixel_values, vision_states=None):
         """Each image's prefix, which ``__call__`` decodes from: for OPT the input embeddings of its
         projected queries and the prompt; for T5 the encoder's output over them. The vision model,
-        the Q-Former (and T5's encoder) run once per image."""
+        the Q-Former (and T5's encoder) run once per image; the vision model not at all when its
+        ``vision_states`` are given (a filter with the same vision weights computed them: step.py)."""
         import torch
 
         if self.cfg.num_captions == 0:
             return None
         with torch.inference_mode():
-            queries = self.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+            if vision_states is None:
+                vision_states = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            queries = self._queries(vision_states)
             prompt = self.model.get_input_embeddings()(self.prompt_ids)
             embeds = torch.cat([queries.to(prompt.dtype), prompt.expand(queries.shape[0], -1, -1)], dim=1)
             if self.decoder_only:
@@ -134,6 +137,17 @@ class Blip2Captioner:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             return self.model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask,
                                                            return_dict=True).last_hidden_state
+
+    def _queries(self, image_embeds):
+        """The projected query outputs of the vision model's states, as
+        ``Blip2ForConditionalGeneration.get_image_features`` computes them from its own."""
+        import torch
+
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = self.model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = self.model.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
+                                          encoder_attention_mask=mask, return_dict=True).last_hidden_state
+        return self.model.language_projection(query_output.to(image_embeds.dtype))  # the Q-Former is float32
 
     def __call__(self, pixel_values, seed: int, image_embeds=None) -> list[list[str]]:
         """``num_captions`` captions for each image of the batch, image-major, prompt stripped; from

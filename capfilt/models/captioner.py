@@ -33,13 +33,16 @@ class Captioner:
         self.shared_layers = shared_kv.install(self.model.text_decoder.bert)
         shared_kv.install_vision(self.model.vision_model)
 
-    def encode(self, pixel_values):
+    def encode(self, pixel_values, vision_states=None):
         """The vision encoder's states of a batch, which ``__call__`` decodes from; a step may
-        start it before the previous batch's post-processing (``CapFiltStep``)."""
+        start it before the previous batch's post-processing (``CapFiltStep``). ``vision_states``:
+        those states already, from a filter with the same vision weights (step.py)."""
         import torch
 
         if self.cfg.num_captions == 0:
             return None
+        if vision_states is not None:
+            return vision_states
         with torch.inference_mode():
             return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
 

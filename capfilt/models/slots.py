@@ -84,6 +84,28 @@ def load_filter(cfg, device: str, dtype: str, config: dict[str, Any] | None = No
     return ITMFilter(cfg, device, dtype)
 
 
+def shares_vision(captioner, filter_) -> bool:
+    """Whether the filter's vision states (``image_states``) are the captioner's too: the same
+    vision model class, config and weights, bit for bit. A CLIP or SigLIP filter's image feature is
+    not (``ScorerFilter`` stages nothing)."""
+    import torch
+
+    if isinstance(filter_, ScorerFilter):
+        return False
+    mine, theirs = captioner.model.vision_model, filter_.model.vision_model
+    if type(mine) is not type(theirs) or _shape(mine.config) != _shape(theirs.config):
+        return False
+    a, b = mine.state_dict(), theirs.state_dict()
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and
+                                        torch.equal(a[k], b[k]) for k in a)
+
+
+def _shape(config) -> dict[str, Any]:
+    """What of a vision config decides what its model computes (not where it came from)."""
+    return {k: v for k, v in config.to_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")}
+
+
 def _config(cfg) -> dict[str, Any]:
     from capfilt.models.loading import check_checkpoint
 
