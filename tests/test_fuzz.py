@@ -54,7 +54,7 @@ class StubStep(CapFiltStep):
         self.fingerprint = ""  # recorded in each shard's done marker
         self.processors = {"captioner": StubProcessor()}
         self.reader_options = config.reader
-        self.scorers = {}
+        self.scorers, self.shared_vision = {}, False
         self.captioner = lambda pixels, seed, image_embeds=None: [["a caption", "another"] for _ in range(len(pixels))]
         self.filter = StubFilter()
 
