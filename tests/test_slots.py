@@ -234,3 +234,26 @@ def test_one_vision_pass_serves_a_captioner_and_filter_of_the_same_vision_weight
     assert outputs["shared"][0] == outputs["forced_apart"][0]  # the same bytes, one vision pass fewer
     assert outputs["shared"][1].equals(outputs["forced_apart"][1])
     assert outputs["shared"][1].column("caption_scores") != outputs["other"][1].column("caption_scores")
+
+
+def test_a_clip_filters_vision_pass_is_staged_once_per_image(tiny_models, checkpoints, tmp_path, monkeypatch):
+    from capfilt.runtime.shards import plan_shards
+    from capfilt.step import CapFiltStep
+
+    (tmp_path / "in").mkdir()
+    url = write_shard(tmp_path / "in" / "00000.tar", SHARD + [{**s, "key": s["key"] + "2"} for s in SHARD])
+    cfg = config(tiny_models, f"filter.model={checkpoints['clip']}", "filter.max_text_tokens=24",
+                 "runtime.batch_size=4", input=url)
+    step = CapFiltStep(cfg)
+    passes = []
+    step.filter.model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, out: passes.append(len(kwargs["pixel_values"])), with_kwargs=True)
+    outputs = {}
+    for name in ("staged", "unstaged"):
+        with monkeypatch.context() as m:
+            if name == "unstaged":
+                m.setattr(CapFiltStep, "stage", lambda self, batch: None)
+            step.run(plan_shards([url], str(tmp_path / name))[0])
+        outputs[name] = (tmp_path / name / "00000.tar").read_bytes()
+    assert passes == [3, 3, 2] * 2  # one pass per image, staged or not
+    assert outputs["staged"] == outputs["unstaged"]

@@ -110,16 +110,18 @@ class Scorer:
     def score(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> TextScores:
         return self.launch(pixel_values, texts, embeddings).result()
 
-    def launch(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> "PendingTextScores":
+    def launch(self, pixel_values, texts: list[list[str]], embeddings: bool = False,
+               image_feats=None) -> "PendingTextScores":
         """``score``'s work queued on the device with its one copy to the host; ``result()``
-        waits for that copy only."""
+        waits for that copy only. ``image_feats``: ``image_features(pixel_values)``, when staged."""
         import torch
 
         pairs = [(i, t) for i, image_texts in enumerate(texts) for t in image_texts]
         if not pairs and not embeddings:
             return PendingTextScores(texts, None, None)
         with torch.inference_mode():
-            image_feats = self.image_features(pixel_values)
+            if image_feats is None:
+                image_feats = self.image_features(pixel_values)
             parts = []
             if pairs:
                 index = torch.tensor([i for i, _ in pairs], device=image_feats.device)

@@ -86,11 +86,10 @@ def load_filter(cfg, device: str, dtype: str, config: dict[str, Any] | None = No
 
 def shares_vision(captioner, filter_) -> bool:
     """Whether the filter's vision states (``image_states``) are the captioner's too: the same
-    vision model class, config and weights, bit for bit. A CLIP or SigLIP filter's image feature is
-    not (``ScorerFilter`` stages nothing)."""
+    vision model class, config and weights, bit for bit. A CLIP or SigLIP filter's are not."""
     import torch
 
-    if isinstance(filter_, ScorerFilter):
+    if isinstance(filter_, ScorerFilter):  # its states are its projected features, not the vision model's
         return False
     mine, theirs = captioner.model.vision_model, filter_.model.vision_model
     if type(mine) is not type(theirs) or _shape(mine.config) != _shape(theirs.config):
@@ -133,11 +132,11 @@ class ScorerFilter:
         self.loaded = Loaded(self.model, self.tokenizer, self.image_processor, self.scorer.revision)
 
     def image_states(self, pixel_values):
-        """Nothing is staged ahead: the scorer's vision pass is part of ``launch``."""
-        return None
+        """Each image's normalised feature (its one vision pass), which ``launch`` takes as ``states``."""
+        return self.scorer.image_features(pixel_values)
 
     def launch(self, pixel_values, texts: list[list[str]], embeddings: bool = False, states=None):
-        return _AsFilterScores(self.scorer.launch(pixel_values, texts, embeddings), self.cfg.itc)
+        return _AsFilterScores(self.scorer.launch(pixel_values, texts, embeddings, image_feats=states), self.cfg.itc)
 
     def __call__(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> FilterScores:
         return self.launch(pixel_values, texts, embeddings).result()
