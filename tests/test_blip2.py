@@ -92,10 +92,14 @@ def count_rows(module, seen: list[int]):
 @pytest.mark.parametrize("lm", ["opt", "t5"])
 def test_sampled_captions_follow_the_seed_and_encode_each_image_once(tiny, pixels, lm):
     cap = captioner(tiny[lm], num_captions=4, top_k=50, top_p=0.95, repetition_penalty=1.0)
-    seen = {"vision": [], "qformer": [], "t5 encoder": []}
+    seen = {"vision": [], "qformer": [], "t5 encoder": [], "opt layer": []}
     hooks = [count_rows(cap.model.vision_model, seen["vision"]), count_rows(cap.model.qformer, seen["qformer"])]
     if lm == "t5":
         hooks.append(count_rows(cap.model.language_model.get_encoder(), seen["t5 encoder"]))
+    else:  # (rows, positions) through OPT's first layer
+        hooks.append(cap.model.language_model.get_decoder().layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: seen["opt layer"].append(tuple((args or (kwargs["hidden_states"],))[0].shape[:2])),
+            with_kwargs=True))
     try:
         first = cap(pixels, seed=1)
     finally:
@@ -103,6 +107,10 @@ def test_sampled_captions_follow_the_seed_and_encode_each_image_once(tiny, pixel
             h.remove()
     assert seen["vision"] == [3] and seen["qformer"] == [3]
     assert seen["t5 encoder"] == ([3] if lm == "t5" else [])
+    if lm == "opt":  # the prefix (queries and prompt) but its last position once per image, then a step per token
+        prefix = cap.prefix_ids.shape[1]
+        assert seen["opt layer"][0] == (3, prefix - 1)
+        assert seen["opt layer"][1] == (12, 1) and all(shape == (12, 1) for shape in seen["opt layer"][1:])
     assert [len(c) for c in first] == [4, 4, 4]
     assert cap(pixels, seed=1) == first
     assert cap(pixels, seed=1, image_embeds=cap.encode(pixels)) == first

@@ -11,7 +11,9 @@ queries and the prompt: nothing in it depends on the sample); ``__call__`` repea
 ``num_captions`` times, image-major as ``num_return_sequences`` lays it out, and decodes with a
 greedy ``generate`` of the language model whose last logits processor is capfilt's
 ``NucleusSampler`` (sampling.py says why), seeded by ``torch.Generator(device).manual_seed(seed)``.
-The OPT prefix (queries and prompt) is still run once per caption, not once per image.
+For OPT, the prefix (queries and prompt) but its last position runs once per image too: its keys
+and values are repeated for the image's captions and ``generate`` restarts from that cache
+(``_prefix_cache``), as from any cache it is given; its first step runs the last position.
 
 With ``top_k: 1`` the captions are ``Blip2ForConditionalGeneration.generate(pixel_values,
 input_ids=<num_query_tokens image tokens> + tokenizer(prompt), do_sample=False,
@@ -161,15 +163,14 @@ class Blip2Captioner:
         if image_embeds is None:
             image_embeds = self.encode(pixel_values)
         with torch.inference_mode():
-            prefix = image_embeds.repeat_interleave(n, dim=0)
-            out, sampler = self._generate(prefix, seed, defer_tie_check=True)
+            out, sampler = self._generate(image_embeds, n, seed, defer_tie_check=True)
             if sampler.ties_overflowed():  # one host sync per batch (captioner.py, sampling.py)
-                out, _ = self._generate(prefix, seed, defer_tie_check=False)
+                out, _ = self._generate(image_embeds, n, seed, defer_tie_check=False)
         new = out[:, self.prefix_ids.shape[1]:] if self.decoder_only else out
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(batch)]
 
-    def _generate(self, prefix, seed: int, defer_tie_check: bool):
+    def _generate(self, image_embeds, n: int, seed: int, defer_tie_check: bool):
         import torch
         from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
@@ -177,9 +178,11 @@ class Blip2Captioner:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         sampler = NucleusSampler(self.cfg.top_p, self.cfg.top_k, self.cfg.temperature, generator,
                                  defer_tie_check=defer_tie_check)
+        prefix = image_embeds.repeat_interleave(n, dim=0)  # image-major, as num_return_sequences
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         if self.decoder_only:  # as Blip2ForConditionalGeneration.generate calls OPT
-            inputs = dict(inputs_embeds=prefix, input_ids=self.prefix_ids.repeat(prefix.shape[0], 1))
+            inputs = dict(inputs_embeds=prefix, input_ids=self.prefix_ids.repeat(prefix.shape[0], 1),
+                          cache=self._prefix_cache(image_embeds, n))
         else:  # T5's encoder ran in encode(), once per image
             inputs = dict(encoder_outputs=BaseModelOutput(last_hidden_state=prefix))
         out = self.model.language_model.generate(
@@ -195,6 +198,20 @@ class Blip2Captioner:
             repetition_penalty=self.cfg.repetition_penalty,
         )
         return out, sampler
+
+
+    def _prefix_cache(self, image_embeds, n: int):
+        """OPT's keys and values of each image's prefix (its queries and the prompt) but the last
+        position, computed once per image and repeated for its ``n`` captions: ``generate`` runs
+        the last position and decodes from there, as it does when restarting from a cache."""
+        import torch
+
+        head = image_embeds[:, :-1]
+        mask = torch.ones(head.shape[:2], dtype=torch.long, device=head.device)
+        decoder = self.model.language_model.get_decoder()
+        cache = decoder(inputs_embeds=head, attention_mask=mask, use_cache=True).cache
+        cache.batch_repeat_interleave(n)
+        return cache
 
 
 class Blip2Filter:
