@@ -186,9 +186,14 @@ def test_blip2_scorer_is_the_filters_numbers(tiny, pixels):
             scorer_kind("auto", json.load(f), "scores[0].model", tiny["opt"])
     scorer = load_scorer(ScoreConfig(name="b2", model=tiny["itm"]), "cpu", "float32")
     assert isinstance(scorer, Blip2Scorer)
-    got = scorer.score(pixels, TEXTS, embeddings=True)
-    want = Blip2Filter(FilterConfig(model=tiny["itm"], kind="blip2"), "cpu", "float32")(pixels, TEXTS, embeddings=True)
+    texts = [t + [" ".join(["red square"] * 20)] for t in TEXTS]  # and a text of 41 tokens, cut at 32
+    got = scorer.score(pixels, texts, embeddings=True)
+    want = Blip2Filter(FilterConfig(model=tiny["itm"], kind="blip2", max_text_tokens=32), "cpu", "float32")(
+        pixels, texts, embeddings=True)
     assert got.scores == want.itm and got.similarity == want.itc
+    longer = Blip2Filter(FilterConfig(model=tiny["itm"], kind="blip2", max_text_tokens=48), "cpu", "float32")(
+        pixels, texts)
+    assert longer.itm[0][-1] != got.scores[0][-1]  # the cut at LAVIS's 32 tokens matters to that text
     np.testing.assert_array_equal(got.embeddings, want.embeddings)
     itm, itc, _ = per_pair(scorer.filter, pixels, 2, TEXTS[2][1])
     assert got.scores[2][1] == pytest.approx(itm, abs=TOLERANCE)

@@ -181,6 +181,9 @@ class SiglipScorer(Scorer):
         return torch.sigmoid(cosine * scale + bias)
 
 
+BLIP2_TEXT_TOKENS = 32
+
+
 class Blip2Scorer(Scorer):
     """BLIP-2's ITM probability, with its ITC cosine as the similarity: ``Blip2Filter``'s numbers."""
 
@@ -191,8 +194,9 @@ class Blip2Scorer(Scorer):
         from capfilt.models.blip2 import Blip2Filter
 
         self.cfg, self.device = cfg, device
-        self.filter = Blip2Filter(FilterConfig(model=cfg.model, revision=cfg.revision, kind="blip2", itc=True),
-                                  device, dtype)
+        # Texts cut at 32 tokens, as LAVIS's BLIP-2 reads them (configs/blip2_opt.yaml's filter too).
+        self.filter = Blip2Filter(FilterConfig(model=cfg.model, revision=cfg.revision, kind="blip2", itc=True,
+                                               max_text_tokens=BLIP2_TEXT_TOKENS), device, dtype)
         self.model, self.tokenizer = self.filter.model, self.filter.tokenizer
         self.image_processor, self.revision = self.filter.image_processor, self.filter.loaded.revision
         self.max_tokens = self.filter.cfg.max_text_tokens
