@@ -107,20 +107,18 @@ def test_a_batch_with_more_ties_than_the_slack_is_sampled_again_with_the_check(c
     from capfilt.models import sampling
 
     monkeypatch.setattr(sampling, "_TIE_SLACK", 0)
-    generate = captioner._generate
-    calls = []
+    real_sample, calls = sampling.sample, []
 
-    def counted(*args, defer_tie_check):
+    def counted(*args, defer_tie_check=True):
         calls.append(defer_tie_check)
-        return generate(*args, defer_tie_check=defer_tie_check)
+        return real_sample(*args, defer_tie_check=defer_tie_check)
 
-    monkeypatch.setattr(captioner, "_generate", counted)
+    monkeypatch.setattr(sampling, "sample", counted)
     got = captioner(PIXELS, seed=3)
     assert calls == [True, False]
-    monkeypatch.setattr(captioner, "_generate",
-                        lambda *args, defer_tie_check: generate(*args, defer_tie_check=False))
+    monkeypatch.setattr(sampling, "sample", lambda *args: real_sample(*args, defer_tie_check=False))
     checked_each_step = captioner(PIXELS, seed=3)
     assert got == checked_each_step
     monkeypatch.setattr(sampling.NucleusSampler, "ties_overflowed", lambda self: False)
-    monkeypatch.setattr(captioner, "_generate", generate)
+    monkeypatch.setattr(sampling, "sample", real_sample)
     assert captioner(PIXELS, seed=3) != checked_each_step  # the first pass's own draws

@@ -75,8 +75,8 @@ import os
 
 from capfilt.config import CaptionerConfig, FilterConfig
 from capfilt.models.itm_filter import FilterScores, PendingScores, bounded
-from capfilt.models.loading import Loaded, load_image_processor, load_model
-from capfilt.models.sampling import NucleusSampler
+from capfilt.models.loading import Holds, Loaded, load_image_processor, load_model
+from capfilt.models import sampling
 
 
 def load_blip2(model_cls, name: str, revision: str, device: str, dtype: str) -> Loaded:
@@ -89,16 +89,12 @@ def load_blip2(model_cls, name: str, revision: str, device: str, dtype: str) -> 
     return Loaded(model, tokenizer, image_processor, resolved)
 
 
-class Blip2Captioner:
+class Blip2Captioner(Holds):
     def __init__(self, cfg: CaptionerConfig, device: str, dtype: str):
         import torch
         from transformers import Blip2ForConditionalGeneration
 
-        self.cfg, self.device = cfg, device
-        self.loaded = load_blip2(Blip2ForConditionalGeneration, cfg.model, cfg.revision, device, dtype)
-        self.model = self.loaded.model
-        self.tokenizer = self.loaded.tokenizer
-        self.image_processor = self.loaded.image_processor
+        super().__init__(cfg, device, load_blip2(Blip2ForConditionalGeneration, cfg.model, cfg.revision, device, dtype))
         config = self.model.config
         self.decoder_only = config.use_decoder_only_language_model
         self.prompt_ids = self.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(device)
@@ -163,21 +159,16 @@ class Blip2Captioner:
         if image_embeds is None:
             image_embeds = self.encode(pixel_values)
         with torch.inference_mode():
-            out, sampler = self._generate(image_embeds, n, seed, defer_tie_check=True)
-            if sampler.ties_overflowed():  # one host sync per batch (captioner.py, sampling.py)
-                out, _ = self._generate(image_embeds, n, seed, defer_tie_check=False)
+            out = sampling.sample(self.cfg, self.device, seed,
+                                  lambda processors: self._generate(image_embeds, n, processors))
         new = out[:, self.prefix_ids.shape[1]:] if self.decoder_only else out
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(batch)]
 
-    def _generate(self, image_embeds, n: int, seed: int, defer_tie_check: bool):
+    def _generate(self, image_embeds, n: int, processors):
         import torch
-        from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        sampler = NucleusSampler(self.cfg.top_p, self.cfg.top_k, self.cfg.temperature, generator,
-                                 defer_tie_check=defer_tie_check)
         prefix = image_embeds.repeat_interleave(n, dim=0)  # image-major, as num_return_sequences
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         if self.decoder_only:  # as Blip2ForConditionalGeneration.generate calls OPT
@@ -185,19 +176,18 @@ class Blip2Captioner:
                           cache=self._prefix_cache(image_embeds, n))
         else:  # T5's encoder ran in encode(), once per image
             inputs = dict(encoder_outputs=BaseModelOutput(last_hidden_state=prefix))
-        out = self.model.language_model.generate(
+        return self.model.language_model.generate(
             **inputs,
             attention_mask=mask,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             do_sample=False,
             num_beams=1,
-            logits_processor=LogitsProcessorList([sampler]),
+            logits_processor=processors,  # the sampler's draws (sampling.sample)
             max_new_tokens=self.cfg.max_length,
             min_new_tokens=self.cfg.min_length,
             repetition_penalty=self.cfg.repetition_penalty,
         )
-        return out, sampler
 
 
     def _prefix_cache(self, image_embeds, n: int):
@@ -214,15 +204,11 @@ class Blip2Captioner:
         return cache
 
 
-class Blip2Filter:
+class Blip2Filter(Holds):
     def __init__(self, cfg: FilterConfig, device: str, dtype: str):
         from transformers import Blip2ForImageTextRetrieval
 
-        self.cfg, self.device = cfg, device
-        self.loaded = load_blip2(Blip2ForImageTextRetrieval, cfg.model, cfg.revision, device, dtype)
-        self.model = self.loaded.model
-        self.tokenizer = self.loaded.tokenizer
-        self.image_processor = self.loaded.image_processor
+        super().__init__(cfg, device, load_blip2(Blip2ForImageTextRetrieval, cfg.model, cfg.revision, device, dtype))
 
     def __call__(self, pixel_values, texts: list[list[str]], embeddings: bool = False) -> FilterScores:
         return self.launch(pixel_values, texts, embeddings).result()

@@ -6,8 +6,8 @@ import hashlib
 
 from capfilt.config import CaptionerConfig
 from capfilt.models import shared_kv
-from capfilt.models.loading import load_blip
-from capfilt.models.sampling import NucleusSampler
+from capfilt.models.loading import Holds, load_blip
+from capfilt.models import sampling
 
 
 def batch_seed(seed: int, *parts: object) -> int:
@@ -16,15 +16,11 @@ def batch_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-class Captioner:
+class Captioner(Holds):
     def __init__(self, cfg: CaptionerConfig, device: str, dtype: str):
         from transformers import BlipForConditionalGeneration
 
-        self.cfg, self.device = cfg, device
-        self.loaded = load_blip(BlipForConditionalGeneration, cfg.model, cfg.revision, device, dtype)
-        self.model = self.loaded.model
-        self.tokenizer = self.loaded.tokenizer
-        self.image_processor = self.loaded.image_processor
+        super().__init__(cfg, device, load_blip(BlipForConditionalGeneration, cfg.model, cfg.revision, device, dtype))
         # BLIP tokenizes the prompt as [CLS] prompt [SEP]; generate() puts [DEC] in
         # place of [CLS] and drops the [SEP].
         self.prompt_ids = self.tokenizer(cfg.prompt, return_tensors="pt").input_ids
@@ -67,24 +63,16 @@ class Captioner:
         with torch.inference_mode():
             index = torch.arange(batch, device=image_embeds.device).repeat_interleave(n)
             with shared_kv.repeated_states(self.shared_layers, image_embeds, index) as states:
-                # No decoding step waits on the device for the sampler's tie check. A batch
-                # that needed it is sampled again with it, which gives the captions checking
-                # at every step gives (sampling.py).
-                out, sampler = self._generate(input_ids, states, seed, defer_tie_check=True)
-                if sampler.ties_overflowed():  # one host sync per batch
-                    out, _ = self._generate(input_ids, states, seed, defer_tie_check=False)
+                out = sampling.sample(self.cfg, self.device, seed,
+                                      lambda processors: self._generate(input_ids, states, processors))
         texts = [self._strip_prompt(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(batch)]
 
-    def _generate(self, input_ids, states, seed: int, defer_tie_check: bool):
+    def _generate(self, input_ids, states, processors):
         import torch
-        from transformers import LogitsProcessorList
 
         text_config = self.model.config.text_config
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        sampler = NucleusSampler(self.cfg.top_p, self.cfg.top_k, self.cfg.temperature, generator,
-                                 defer_tie_check=defer_tie_check)
-        out = self.model.text_decoder.generate(
+        return self.model.text_decoder.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             encoder_hidden_states=states,
@@ -95,12 +83,11 @@ class Captioner:
             pad_token_id=text_config.pad_token_id,
             do_sample=False,
             num_beams=1,
-            logits_processor=LogitsProcessorList([sampler]),
+            logits_processor=processors,  # the sampler's draws (sampling.sample)
             max_length=self.cfg.max_length,
             min_length=self.cfg.min_length,
             repetition_penalty=self.cfg.repetition_penalty,
         )
-        return out, sampler
 
     def _strip_prompt(self, text: str) -> str:
         # As BLIP does: decode the whole sequence, then cut the prompt's text off.

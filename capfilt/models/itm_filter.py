@@ -25,7 +25,7 @@ from typing import Any
 
 from capfilt.config import FilterConfig
 from capfilt.models import shared_kv
-from capfilt.models.loading import itm_first_token, load_blip
+from capfilt.models.loading import Holds, itm_first_token, load_blip
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,11 @@ class FilterScores:
     embeddings: Any = None  # (images, projection dim) float32 numpy, rows normalised; None unless asked
 
 
-class ITMFilter:
+class ITMFilter(Holds):
     def __init__(self, cfg: FilterConfig, device: str, dtype: str):
         from transformers import BlipForImageTextRetrieval
 
-        self.cfg, self.device = cfg, device
-        self.loaded = load_blip(BlipForImageTextRetrieval, cfg.model, cfg.revision, device, dtype)
-        self.model = self.loaded.model
-        self.tokenizer = self.loaded.tokenizer
-        self.image_processor = self.loaded.image_processor
+        super().__init__(cfg, device, load_blip(BlipForImageTextRetrieval, cfg.model, cfg.revision, device, dtype))
         self.first_token, self.first_token_id = itm_first_token(
             cfg.first_token, self.tokenizer, self.model.config.to_dict(), "filter.model", cfg.model)
         log.info("filter %s: ITM reads the text with [%s] first", cfg.model, self.first_token.upper())

@@ -58,6 +58,15 @@ class Loaded:
     revision: str | None
 
 
+class Holds:
+    """A slot's model holder (captioner, filter): its section ``cfg``, its device, and the checkpoint
+    it loaded, with the model, tokenizer and image processor at hand."""
+
+    def __init__(self, cfg: Any, device: str, loaded: Loaded):
+        self.cfg, self.device, self.loaded = cfg, device, loaded
+        self.model, self.tokenizer, self.image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
+
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TINY_HINT = "make tiny local models with: capfilt tiny-models DIR"
 

@@ -31,7 +31,8 @@ distribution (tests/test_models.py checks the probabilities against transformers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where sampling runs: capfilt's commands that read only start without it
     import torch
@@ -90,3 +91,22 @@ class NucleusSampler:
         token = ids.gather(1, choice)
         drawn = torch.full_like(scores, float("-inf"))
         return drawn.scatter_(1, token, 0.0)
+
+
+def sample(cfg: Any, device: str, seed: int, generate: Callable[[Any], "torch.Tensor"],
+           defer_tie_check: bool = True) -> "torch.Tensor":
+    """What ``generate(logits_processor)`` writes, a greedy ``generate`` (``do_sample=False``, one
+    beam) given a ``LogitsProcessorList`` whose last processor is a ``NucleusSampler`` of ``cfg``'s
+    ``top_p``, ``top_k`` and ``temperature``, its draws seeded by ``seed`` on ``device``. No decoding
+    step waits on the device for the tie check; a batch where a step had more ties than the slack is
+    sampled again with the check at every step (one host read per batch), which gives the captions
+    checking at every step gives. Every captioner samples through here."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampler = NucleusSampler(cfg.top_p, cfg.top_k, cfg.temperature, generator, defer_tie_check=defer_tie_check)
+    out = generate(LogitsProcessorList([sampler]))
+    if defer_tie_check and sampler.ties_overflowed():
+        return sample(cfg, device, seed, generate, defer_tie_check=False)
+    return out

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from capfilt.models.itm_filter import FilterScores
+from capfilt.models.loading import Holds, Loaded
 
 # model_type in a checkpoint's config.json -> capfilt's kind
 MODEL_TYPES = {"blip": "blip", "blip-2": "blip2", "clip": "clip", "siglip": "siglip"}
@@ -115,21 +116,19 @@ def _slot_of(cfg) -> str:
     return "captioner" if hasattr(cfg, "num_captions") else "filter"
 
 
-class ScorerFilter:
+class ScorerFilter(Holds):
     """A CLIP or SigLIP scorer deciding: ``itm`` is the model's score (what ``filter.threshold``
     cuts), ``itc`` the cosine (when ``filter.itc``), the embedding its image feature."""
 
     def __init__(self, cfg, kind: str, device: str, dtype: str):
         from capfilt.config import ScoreConfig
-        from capfilt.models.loading import Loaded
         from capfilt.models.scorers import SCORERS
 
-        self.cfg, self.device, self.kind = cfg, device, kind
+        self.kind = kind
         self.scorer = SCORERS[kind](ScoreConfig(name="filter", model=cfg.model, revision=cfg.revision, kind=kind),
                                     device, dtype)
-        self.model, self.tokenizer = self.scorer.model, self.scorer.tokenizer
-        self.image_processor = self.scorer.image_processor
-        self.loaded = Loaded(self.model, self.tokenizer, self.image_processor, self.scorer.revision)
+        scorer = self.scorer
+        super().__init__(cfg, device, Loaded(scorer.model, scorer.tokenizer, scorer.image_processor, scorer.revision))
 
     def image_states(self, pixel_values):
         """Each image's normalised feature (its one vision pass), which ``launch`` takes as ``states``."""
