@@ -190,11 +190,16 @@ def build_blip2(folder: str, size: str, depth: float) -> tuple[str, str]:
                     pad_token_id=opt_tok.pad_token_id)
     captioner = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=opt,
                             num_query_tokens=w["queries"], image_token_index=opt_tok.convert_tokens_to_ids("<image>"))
-    save_checkpoint(random_model(Blip2ForConditionalGeneration, captioner), opt_tok, image_size, paths[0])
+    captioner = random_model(Blip2ForConditionalGeneration, captioner)
+    save_checkpoint(captioner, opt_tok, image_size, paths[0])
     itm_qformer = dict(qformer, vocab_size=len(bert_tok), use_qformer_text_input=True)  # it reads texts
-    itm = Blip2Config(vision_config=vision, qformer_config=itm_qformer, text_config=None,
-                      num_query_tokens=w["queries"], image_text_hidden_size=w["itm_hidden"])
-    save_checkpoint(random_model(Blip2ForImageTextRetrieval, itm), bert_tok, image_size, paths[1])
+    itm = random_model(Blip2ForImageTextRetrieval, Blip2Config(
+        vision_config=vision, qformer_config=itm_qformer, text_config=None, num_query_tokens=w["queries"],
+        image_text_hidden_size=w["itm_hidden"]), seed=1)
+    # BLIP-2 freezes its ViT-g: the hub's captioners and ITM checkpoint hold the same vision weights,
+    # and capfilt then runs one vision pass per image for both (as it does with real checkpoints)
+    itm.vision_model.load_state_dict(captioner.vision_model.state_dict())
+    save_checkpoint(itm, bert_tok, image_size, paths[1])
     return paths
 
 

@@ -55,3 +55,11 @@ def test_bench_other_models_at_tiny_widths(tmp_path, monkeypatch, models):
     filter_config = json.loads(next(tmp_path.glob(f"models_{models}_*/filter/config.json")).read_text())
     assert filter_config["model_type"] == {"blip2-opt-2.7b": "blip-2", "clip-l14": "clip"}[models]
     assert filter_config["vision_config"]["num_hidden_layers"] == 1  # half of the tiny widths' two
+    if models == "blip2-opt-2.7b":  # one frozen ViT-g in both, as in the hub's BLIP-2 checkpoints
+        import torch
+        from safetensors.torch import load_file
+
+        folder = next(tmp_path.glob("models_blip2-opt-2.7b_*"))
+        cap, itm = (load_file(folder / slot / "model.safetensors") for slot in ("captioner", "filter"))
+        vision = [k for k in itm if k.startswith("vision_model.")]
+        assert vision and all(torch.equal(cap[k], itm[k]) for k in vision)
