@@ -40,6 +40,16 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Each test starts on one torch thread (pytest_configure), whatever an earlier one set
+    (bench.main sets --threads in this process)."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def ray_tmpdir(tmp_path_factory):
     """A Ray temp folder of this test run's own, so no stale cluster is ever joined."""
