@@ -665,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-captions", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--naive-batch-size", type=int, default=None,
+                        help="images per naive generate (default: --batch-size); 1 is issue 18's naive "
+                             "loop, generate per image")
     parser.add_argument("--naive-dtype", default="float32",
                         help="the naive loop's dtype (bfloat16 where float32 weights do not fit)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -717,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_shards(os.path.join(args.output, "shards"), args.images, args.shards)
     result: dict[str, Any] = {"models": args.models, "shape": args.shape, "images": args.images,
                               "num_captions": args.num_captions, "batch_size": args.batch_size,
+                              "naive_batch_size": args.naive_batch_size or args.batch_size,
                               "threads": args.threads,
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                               **sections}
@@ -756,8 +760,9 @@ def measure_all(args, cap: str, itm: str, paths: list[str], result: dict[str, An
     if not args.skip_naive:
         runs_naive = []
         for _ in range(args.repeats):
-            runs_naive.append(measure(args.device, args.threads, naive, cap, itm, paths, args.batch_size,
-                                      args.num_captions, args.device, args.models, args.naive_dtype))
+            runs_naive.append(measure(args.device, args.threads, naive, cap, itm, paths,
+                                      args.naive_batch_size or args.batch_size, args.num_captions, args.device,
+                                      args.models, args.naive_dtype))
             print(f"naive {args.naive_dtype}:", runs_naive[-1], flush=True)
         result[f"naive_{args.naive_dtype}"] = best(runs_naive)
 
