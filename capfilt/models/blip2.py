@@ -74,7 +74,7 @@ from __future__ import annotations
 import os
 
 from capfilt.config import CaptionerConfig, FilterConfig
-from capfilt.models.itm_filter import FilterScores, PendingScores, bounded
+from capfilt.models.itm_filter import FilterScores, PendingScores, bounded, to_host
 from capfilt.models.loading import Holds, Loaded, load_image_processor, load_model
 from capfilt.models import sampling
 
@@ -235,13 +235,9 @@ class Blip2Filter(Holds):
                     itc = (query_feats.index_select(0, index) * text_feats[:, None, :]).sum(dim=-1).amax(dim=-1)
             image_embeds = self.image_embedding(query_feats) if embeddings else None
             parts = [t for t in (itm, itc, image_embeds.flatten() if embeddings else None) if t is not None]
-            host = torch.cat(parts).to("cpu", non_blocking=True)
-        done = None
-        if host.device != states.device and states.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
+            copy = to_host(parts)
         shape = tuple(image_embeds.shape) if embeddings else None
-        return PendingScores(texts, self.cfg.itc, (host, done), shape)
+        return PendingScores(texts, self.cfg.itc, copy, shape)
 
     def image_states(self, pixel_values):
         """The vision model's last hidden states: one pass per image serves ITM and ITC."""

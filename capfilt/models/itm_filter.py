@@ -88,15 +88,10 @@ class ITMFilter(Holds):
                 if self.cfg.itc:
                     text_feats = self.text_features(tokens.input_ids, tokens.attention_mask)
                     itc = (image_feats.index_select(0, index) * text_feats).sum(dim=-1)
-            # float32 all: one copy to the host, queued now (into pinned memory on CUDA)
             parts = [t for t in (itm, itc, image_feats.flatten() if embeddings else None) if t is not None]
-            host = torch.cat(parts).to("cpu", non_blocking=True)
-        done = None
-        if host.device != states.device and states.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
+            copy = to_host(parts)  # float32 all: one copy
         shape = tuple(image_feats.shape) if embeddings else None
-        return PendingScores(texts, self.cfg.itc, (host, done), shape)
+        return PendingScores(texts, self.cfg.itc, copy, shape)
 
     # The parts, for callers that score other pairs than every text of its own image (evaluate).
 
@@ -158,10 +153,7 @@ class PendingScores:
         texts = self.texts
         if self.copy is None:
             return FilterScores([[] for _ in texts], [[] for _ in texts] if self.itc else None, None)
-        host, done = self.copy
-        if done is not None:
-            done.synchronize()  # this batch's copy, not the work queued after it
-        host = host.numpy()
+        host = on_host(self.copy)
         n = sum(len(t) for t in texts)
         shape = self.embedding_shape
         return FilterScores(
@@ -169,6 +161,29 @@ class PendingScores:
             _per_image(texts, host[n:2 * n].tolist()) if self.itc else None,
             host[len(host) - shape[0] * shape[1]:].reshape(shape) if shape is not None else None,
         )
+
+
+def to_host(parts) -> tuple[Any, Any]:
+    """``parts`` (float32 tensors on the model's device) in one copy to the host, queued now (into
+    pinned memory on CUDA), with a CUDA event recorded after it: ``(host tensor, event or None)``.
+    ``on_host`` waits for that copy only, not for the work queued after it (the next batch's)."""
+    import torch
+
+    flat = torch.cat(parts)
+    host = flat.to("cpu", non_blocking=True)
+    done = None
+    if flat.device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record()
+    return host, done
+
+
+def on_host(copy: tuple[Any, Any]):
+    """``to_host``'s copy as a numpy array, once it has arrived."""
+    host, done = copy
+    if done is not None:
+        done.synchronize()
+    return host.numpy()
 
 
 def _per_image(texts: list[list[str]], values: list[float]) -> list[list[float]]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from capfilt.config import ScoreConfig
-from capfilt.models.itm_filter import _per_image, bounded
+from capfilt.models.itm_filter import _per_image, bounded, on_host, to_host
 from capfilt.models.loading import check_checkpoint, load_model
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,8 @@ class Scorer:
                 parts += [self.from_cosine(cosine), cosine]
             if embeddings:
                 parts.append(image_feats.flatten())
-            host = torch.cat(parts).to("cpu", non_blocking=True)
-        done = None
-        if image_feats.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return PendingTextScores(texts, (host, done), tuple(image_feats.shape) if embeddings else None)
+            copy = to_host(parts)
+        return PendingTextScores(texts, copy, tuple(image_feats.shape) if embeddings else None)
 
     def image_features(self, pixel_values):
         """Each image's projected embedding, normalised, float32: one vision pass per image."""
@@ -237,10 +233,7 @@ class PendingTextScores:
         texts = self.texts
         if self.copy is None:
             return TextScores([[] for _ in texts], [[] for _ in texts])
-        host, done = self.copy
-        if done is not None:
-            done.synchronize()
-        host = host.numpy()
+        host = on_host(self.copy)
         n, shape = sum(len(t) for t in texts), self.embedding_shape
         return TextScores(_per_image(texts, host[:n].tolist()), _per_image(texts, host[n:2 * n].tolist()),
                           host[2 * n:].reshape(shape) if shape is not None else None)
