@@ -86,10 +86,19 @@ WIDTHS = {
         "clip_projection": 32,
     },
 }
-# BLIP-2's captioning as LAVIS's blip2_opt.py does it (max_length counts new tokens for BLIP-2),
-# the same in capfilt and the naive loop.
-BLIP2_CAPTIONING = dict(prompt="a photo of", top_p=0.9, top_k=50, max_length=20, min_length=5,
-                        repetition_penalty=1.0)
+# BLIP-2's captions here are 20 new tokens, at least 5, where configs/blip2_opt.yaml (LAVIS) says 30
+# and 8: a run on 2 cores then stays under 10 minutes.
+BLIP2_LENGTHS = dict(max_length=20, min_length=5)
+
+
+def blip2_captioning() -> dict[str, Any]:
+    """BLIP-2's captioning as configs/blip2_opt.yaml sets it (LAVIS's blip2_opt.py), at
+    ``BLIP2_LENGTHS``: the same in capfilt and the naive loop."""
+    from capfilt.config import load_config
+
+    cap = load_config("configs/blip2_opt.yaml").captioner
+    return dict(prompt=cap.prompt, top_p=cap.top_p, top_k=cap.top_k, repetition_penalty=cap.repetition_penalty,
+                **BLIP2_LENGTHS)
 
 
 def build_models(folder: str, shape: str, slots: tuple[str, ...] = ("captioner", "filter")) -> tuple[str, str]:
@@ -241,7 +250,7 @@ def capfilt_overrides(models: str, cap: str, itm: str, num_captions: int, dtype:
     overrides = [f"captioner.model={cap}", f"filter.model={itm}", f"captioner.num_captions={num_captions}",
                  f"runtime.dtype={dtype}", f"runtime.device={device}"]
     if models == "blip2-opt-2.7b":
-        overrides += [f"captioner.{key}={value}" for key, value in BLIP2_CAPTIONING.items()]
+        overrides += [f"captioner.{key}={value}" for key, value in blip2_captioning().items()]
     if models == "clip-l14":
         overrides += ["filter.kind=clip", "filter.threshold=0.25"]
     return overrides
@@ -441,7 +450,7 @@ def naive_blip2_captioner(path: str, device: str, dtype, n: int):
     captioner = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval().to(device)
     processor = BlipImageProcessorPil.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    c, config = BLIP2_CAPTIONING, captioner.config
+    c, config = blip2_captioning(), captioner.config
     prompt = [config.image_token_index] * config.num_query_tokens + tokenizer(c["prompt"]).input_ids
 
     def caption(images):

@@ -10,6 +10,7 @@ import torch
 from transformers import BlipConfig
 
 from capfilt.config import load_config
+from pipelines import bench
 from capfilt.identity import fingerprint, output_identity
 from capfilt.runtime.defaults import (CPU_BATCH, MAX_AUTO_BATCH, DeviceFacts, Held, apply_precision, gpu_batch,
                                       per_image_bytes, resolve_runtime, weight_bytes)
@@ -102,17 +103,14 @@ def test_sized_takes_the_lengths_from_the_config_sections():
     assert rt.batch_size == gpu_batch(16 * GiB, weight_bytes(blip(), "bfloat16"), per_image) == 32
 
 
-# Real checkpoints' widths (their hub config.json), built on the meta device: no memory, no weights.
-VIT_G = dict(hidden_size=1408, num_hidden_layers=39, num_attention_heads=16, intermediate_size=6144, image_size=224,
-             patch_size=14)
-OPT_2_7B = dict(model_type="opt", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
-                vocab_size=50272, word_embed_proj_dim=2560)
+# Real checkpoints' widths (their hub config.json), as make bench builds them, on the meta device here:
+# no memory, no weights read.
+REAL = bench.WIDTHS["real"]
+VIT_G, OPT_2_7B = REAL["vit_g"], {**REAL["opt"], "model_type": "opt"}
 FLAN_T5_XL = dict(model_type="t5", d_model=2048, num_layers=24, num_decoder_layers=24, num_heads=32, d_ff=5120,
                   d_kv=64, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-CLIP_L14 = dict(vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                   intermediate_size=4096, image_size=224, patch_size=14),
-                text_config=dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
-                                 num_attention_heads=12), projection_dim=768)
+CLIP_L14 = dict(vision_config=REAL["clip_vision"], text_config=REAL["clip_text"],
+                projection_dim=REAL["clip_projection"])
 
 
 def shapes():
